@@ -1,0 +1,8 @@
+"""Model definition: config, presets, layers, the decoder."""
+from phi3_jax.model.config import ConfigError, ModelConfig
+from phi3_jax.model.decoder import Decoder, abstract_model, init_model
+from phi3_jax.model.hf_config import from_hf_config, to_hf_config
+from phi3_jax.model.presets import PRESETS, get_preset
+
+__all__ = ["ConfigError", "ModelConfig", "Decoder", "abstract_model", "init_model", "from_hf_config",
+           "to_hf_config", "PRESETS", "get_preset"]

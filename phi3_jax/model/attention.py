@@ -1,0 +1,53 @@
+"""Self-attention block: fused qkv projection in the checkpoint's layout, RoPE, GQA, output projection."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from phi3_jax.model.config import ModelConfig
+from phi3_jax.model.layers import Linear, apply_rope
+from phi3_jax.ops import Mask, attention
+
+
+def split_qkv(cfg: ModelConfig, qkv_BTF):
+    """Fused projection -> q [B,T,N,H], k and v [B,T,K,H].
+
+    phi3 stores [all q heads | all k heads | all v heads]; phi3small groups per kv head
+    [q_{4g} .. q_{4g+3}, k_g, v_g] (spec §7.2), so query head 4g + j is slot j of group g.
+    """
+    B, T, _ = qkv_BTF.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if cfg.family == "phi3small":
+        z_BTKSH = qkv_BTF.reshape(B, T, K, cfg.q_per_kv + 2, H)
+        q_BTNH = z_BTKSH[:, :, :, : cfg.q_per_kv].reshape(B, T, N, H)
+        return q_BTNH, z_BTKSH[:, :, :, -2], z_BTKSH[:, :, :, -1]
+    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
+    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
+    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
+    return q_BTNH, k_BTKH, v_BTKH
+
+
+def window_bound(cfg: ModelConfig) -> int | None:
+    """Largest visible distance i - j, from the sliding window and its convention."""
+    if cfg.sliding_window is None:
+        return None
+    return cfg.sliding_window if cfg.sliding_window_mode == "flash" else cfg.sliding_window - 1
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.qkv_proj = Linear(D, cfg.qkv_features, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto"):
+        cfg = self.cfg
+        q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
+        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        mask = Mask(q_segment_ids=segment_ids_BT, causal=True,
+                    window=None if layout is not None else window_bound(cfg), layout=layout)
+        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
+        B, T = x_BTD.shape[:2]
+        return self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))

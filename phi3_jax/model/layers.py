@@ -1,0 +1,130 @@
+"""Building blocks: linear, embedding, norms, RoPE / LongRoPE, and the two MLP kinds.
+
+Numerics follow the reference implementations where they keep float32: norms normalise in float32 and
+cast back before the weight multiplies (spec §3.1); RoPE angles are float32 and cos/sin are cast to the
+activation dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phi3_jax.model.config import ConfigError, ModelConfig
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of a torch weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype_of(cfg.param_dtype)))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype_of(cfg.param_dtype))) if bias else None
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(cfg.initializer_range)
+        self.embedding = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                        dtype_of(cfg.param_dtype)))
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, ids_BT):
+        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD):
+        """Logits against the (tied) embedding matrix."""
+        return jnp.dot(x_BTD, self.embedding[...].astype(self.dtype).T)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (phi3) or LayerNorm with bias (phi3small), normalising in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, pdt = cfg.hidden_size, dtype_of(cfg.param_dtype)
+        self.kind = cfg.norm_type
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((D,), pdt))
+        self.bias = nnx.Param(jnp.zeros((D,), pdt)) if self.kind == "layer" else None
+
+    def __call__(self, x_BTD):
+        x32 = x_BTD.astype(jnp.float32)
+        if self.kind == "layer":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x_BTD.dtype)
+        y = y * self.scale[...].astype(x_BTD.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x_BTD.dtype)
+        return y
+
+
+def rope_tables(cfg: ModelConfig, positions_BT, dtype):
+    """cos, sin [B, T, head_dim] for integer positions (spec §4).
+
+    LongRoPE picks one factor set for the whole call: long factors iff max(position) + 1 > L0 over the
+    batch (the transformers rule), with the magnitude factor of that branch on cos and sin.
+    """
+    d = cfg.head_dim
+    exps = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    base_freq = jnp.float32(cfg.rope_theta) ** exps
+    if cfg.rope_scaling == "longrope":
+        if not cfg.rope_short_factor or not cfg.rope_long_factor:
+            raise ConfigError("ModelConfig.rope_short_factor/rope_long_factor are empty: LongRoPE factors differ "
+                              "per checkpoint revision; import the checkpoint (phi3_jax.load) or set both lists")
+        inv_short = 1.0 / (jnp.asarray(cfg.rope_short_factor, jnp.float32) * base_freq)
+        inv_long = 1.0 / (jnp.asarray(cfg.rope_long_factor, jnp.float32) * base_freq)
+        use_long = jnp.max(positions_BT) + 1 > cfg.original_max_position_embeddings
+        inv_freq = jnp.where(use_long, inv_long, inv_short)
+        mscale = jnp.where(use_long, jnp.float32(cfg.rope_long_mscale), jnp.float32(cfg.rope_short_mscale))
+    else:
+        inv_freq = 1.0 / base_freq
+        mscale = jnp.float32(1.0)
+    ang_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    ang_BTH = jnp.concatenate([ang_BTF, ang_BTF], axis=-1)
+    return (jnp.cos(ang_BTH) * mscale).astype(dtype), (jnp.sin(ang_BTH) * mscale).astype(dtype)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    """Rotate-half RoPE: dimension k pairs with k + head_dim/2."""
+    half = x_BTNH.shape[-1] // 2
+    rot_BTNH = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rot_BTNH * sin_BTH[:, :, None, :]
+
+
+class MLP(nnx.Module):
+    """SwiGLU with fused [gate | up] (phi3) or the interleaved, clamped "gegelu" (phi3small).
+
+    Both keep the checkpoint's fused layout in one `gate_up_proj` kernel [D, 2I] so that import and export
+    are plain transposes.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.kind = "gegelu" if cfg.family == "phi3small" else "swiglu"
+        self.limit = cfg.gegelu_limit
+        self.gate_up_proj = Linear(D, 2 * I, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(I, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        z_BTF = self.gate_up_proj(x_BTD)
+        if self.kind == "swiglu":
+            g_BTI, u_BTI = jnp.split(z_BTF, 2, axis=-1)
+            h_BTI = jax.nn.silu(g_BTI) * u_BTI
+        else:
+            g_BTI, l_BTI = z_BTF[..., 0::2], z_BTF[..., 1::2]
+            # Clamp finite values only; infinities pass through as in the reference.
+            g_BTI = jnp.where(jnp.isinf(g_BTI), g_BTI, jnp.minimum(g_BTI, self.limit))
+            l_BTI = jnp.where(jnp.isinf(l_BTI), l_BTI, jnp.clip(l_BTI, -self.limit, self.limit))
+            h_BTI = g_BTI * jax.nn.sigmoid(1.702 * g_BTI) * (l_BTI + 1)
+        return self.down_proj(h_BTI)

@@ -1,0 +1,149 @@
+"""attention(q, k, v, mask, impl=...): the one attention entry point every model layer calls.
+
+Implementations:
+- "xla": plain JAX, the reference every other path is tested against; runs anywhere.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
+- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks;
+  dense masks under "pallas" take the best dense path of the backend.
+- "auto": cuDNN for dense masks on GPU, Pallas for block-sparse masks on GPU/TPU, else XLA.
+
+Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query attention: query head n
+reads kv head n // (N // K)). The mask is described, not materialised: a causal flag, an optional window,
+segment ids for packed documents, and an optional block-sparse layout; each implementation turns the
+description into whatever it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "cudnn", "pallas")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys each query may see.
+
+    q_index / kv_index: token index within the row ([B, T] / [B, S] or [T] / [S]); default arange. Causality,
+      the window and the block-sparse layout are defined on these indices (for a KV cache, q_index is the
+      absolute position of the new tokens).
+    q_segment_ids / kv_segment_ids: packed documents; a query sees only keys of its own segment.
+    window: a key at distance q_index - kv_index > window is hidden.
+    layout: a `pallas_kernels.blocksparse.Layout`; its per-head pattern is applied on top.
+    """
+    q_index: Any = None
+    kv_index: Any = None
+    q_segment_ids: Any = None
+    kv_segment_ids: Any = None
+    causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    layout: Any = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float | None = None,
+              impl: str = "auto"):
+    """Softmax attention; returns [B, T, N, H] in q's dtype. Softmax runs in float32."""
+    mask = mask or Mask()
+    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
+    if N % K:
+        raise ValueError(f"attention: {N} query heads are not a multiple of {K} kv heads")
+    if impl not in IMPLS:
+        raise ValueError(f"attention: impl={impl!r} is not one of {IMPLS}")
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "auto":
+        impl = _auto_impl(q_BTNH, mask)
+    if impl == "pallas" and mask.layout is not None:
+        return _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask, scale)
+    if impl == "pallas":
+        impl = "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
+    if impl == "cudnn":
+        return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask, scale)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale)
+
+
+def _auto_impl(q_BTNH, mask: Mask) -> str:
+    backend = jax.default_backend()
+    if mask.layout is not None:
+        return "pallas" if backend in ("gpu", "tpu") and _is_self_attention(mask) else "xla"
+    return "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
+
+
+def _is_self_attention(mask: Mask) -> bool:
+    return mask.q_index is None and mask.kv_index is None
+
+
+def _cudnn_ok(q_BTNH, mask: Mask) -> bool:
+    return (jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+            and mask.layout is None and _is_self_attention(mask) and q_BTNH.shape[-1] % 8 == 0)
+
+
+def _index(idx, length: int, batch: int):
+    if idx is None:
+        idx = jnp.arange(length, dtype=jnp.int32)
+    idx = jnp.asarray(idx, jnp.int32)
+    return jnp.broadcast_to(idx, (batch, length)) if idx.ndim == 1 else idx
+
+
+def dense_mask(mask: Mask, batch: int, q_len: int, kv_len: int, num_heads: int):
+    """Boolean [B, N or 1, T, S]: True where query t may see key s."""
+    q_BT = _index(mask.q_index, q_len, batch)
+    k_BS = _index(mask.kv_index, kv_len, batch)
+    allowed_BTS = jnp.ones((batch, q_len, kv_len), bool)
+    dist_BTS = q_BT[:, :, None] - k_BS[:, None, :]
+    if mask.causal:
+        allowed_BTS &= dist_BTS >= 0
+    if mask.window is not None:
+        allowed_BTS &= dist_BTS <= mask.window
+    if mask.q_segment_ids is not None:
+        kv_seg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
+        allowed_BTS &= mask.q_segment_ids[:, :, None] == kv_seg[:, None, :]
+    allowed_BNTS = allowed_BTS[:, None]
+    if mask.layout is not None:
+        if mask.layout.num_heads != num_heads:
+            raise ValueError(f"attention: layout has {mask.layout.num_heads} heads, q has {num_heads}")
+        layout_BNTS = jax.vmap(mask.layout.token_mask)(q_BT, k_BS)
+        allowed_BNTS = allowed_BNTS & layout_BNTS
+    return allowed_BNTS
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    allowed_BNTS = dense_mask(mask, B, T, S, N)
+    allowed_BKGTS = allowed_BNTS.reshape(B, -1, 1 if allowed_BNTS.shape[1] == 1 else G, T, S)
+    s_BKGTS = jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
+    # A query with no visible key (padding) gets zeros instead of NaN.
+    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)
+    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
+    p_BKGTS = p_BKGTS / jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+                         preferred_element_type=jnp.float32)
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _cudnn(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    seg_mask = None
+    if mask.q_segment_ids is not None:
+        kv_seg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
+        seg_mask = (mask.q_segment_ids[:, :, None] == kv_seg[:, None, :])[:, None]
+    window = None if mask.window is None else (mask.window, 0)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, scale=scale,
+                                        is_causal=mask.causal, local_window_size=window,
+                                        implementation="cudnn")
+
+
+def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    from pallas_kernels.blocksparse import blocksparse_attention
+
+    if mask.window is not None or not mask.causal:
+        raise ValueError("attention: block-sparse kernels are causal and take no window")
+    return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
+                                 segment_ids=mask.q_segment_ids, backend=jax.default_backend())
