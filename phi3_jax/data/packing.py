@@ -1,0 +1,121 @@
+"""Documents -> token ids -> packed rows of `seq_len` with next-token targets.
+
+A row is a dict of 1-D numpy arrays of length seq_len:
+  inputs       int32  token ids fed to the model
+  targets      int32  the token that follows each input in the packed stream
+  segment_ids  int32  1, 2, ... for each document piece within the row; 0 on padding
+  positions    int32  position within the piece, 0 at each piece's first token
+  loss_mask    float32
+
+Documents are tokenized as [bos?] ids [eos] and packed into windows of seq_len + 1 tokens; a row is
+window[:-1] as inputs and window[1:] as targets, so every target inside the row is available.
+
+Loss-mask rule: loss_mask[t] = 1 exactly when input t and target t belong to the same document piece
+(segment_ids equal and non-zero). So the loss is on predicting every next token of a document
+including its closing eos, and never on the eos -> next-document transition, which no context
+predicts and which the attention mask (tokens attend only within their segment) hides anyway.
+Padding is 0.
+
+Packing methods (both from grain.experimental):
+  "concat"    ConcatThenSplitIterDataset: documents concatenated and cut every seq_len + 1 tokens, so
+              a long document continues in the next row as a new piece (positions restart at 0; the
+              model sees no context from the previous row). No padding in an endless stream.
+  "first_fit" FirstFitPackIterDataset: documents are first cut into pieces of at most seq_len + 1,
+              then whole pieces are placed into `num_bins` open rows; rows are padded, pieces never split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import grain.experimental as gexp
+import numpy as np
+
+from phi3_jax.data.errors import DataError
+
+PACKING_METHODS = ("concat", "first_fit")
+ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class Tokenize(grain.transforms.Map):
+    """doc dict -> {"tokens": int32 [n]} as [bos?] encode(text) [eos]."""
+
+    def __init__(self, tokenizer, add_bos: bool = False, add_eos: bool = True):
+        self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
+
+    def map(self, doc: dict) -> dict:
+        ids = self.tokenizer.encode(doc["text"])
+        if self.add_bos:
+            ids = [self.tokenizer.bos_id] + ids
+        if self.add_eos:
+            ids = ids + [self.tokenizer.eos_id]
+        return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+class _ChunkDocument(gexp.FlatMapTransform):
+    """Cut one tokenized document into pieces of at most `length` tokens (for first-fit packing)."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.max_fan_out = 1 << 30  # unused by the iterator flat map; documents can be arbitrarily long
+
+    def flat_map(self, element: dict) -> list[dict]:
+        t = element["tokens"]
+        return [{"tokens": t[i:i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+
+
+def rows_from_window(window: dict, pad_id: int) -> dict[str, np.ndarray]:
+    """A packed window of seq_len + 1 tokens -> one training row (see the module docstring)."""
+    tok = np.asarray(window["tokens"], dtype=np.int32)
+    seg = np.asarray(window["tokens_segment_ids"], dtype=np.int32)
+    pos = np.asarray(window["tokens_positions"], dtype=np.int32)
+    seg_in, seg_tg = seg[:-1], seg[1:]
+    real = seg_in != 0
+    loss_mask = (real & (seg_in == seg_tg)).astype(np.float32)
+    return {
+        "inputs": np.where(real, tok[:-1], pad_id).astype(np.int32),
+        "targets": np.where(seg_tg != 0, tok[1:], pad_id).astype(np.int32),
+        "segment_ids": seg_in.copy(),
+        "positions": np.where(real, pos[:-1], 0).astype(np.int32),
+        "loss_mask": loss_mask,
+    }
+
+
+class _ToRow(grain.transforms.Map):
+    def __init__(self, pad_id: int, extra: dict[str, Any] | None = None):
+        self.pad_id, self.extra = pad_id, dict(extra or {})
+
+    def map(self, window: dict) -> dict:
+        row = rows_from_window(window, self.pad_id)
+        for k, v in self.extra.items():
+            row[k] = np.asarray(v, dtype=np.int32)
+        return row
+
+
+def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str = "concat",
+         num_bins: int = 16, seed: int = 0, extra: dict[str, Any] | None = None) -> grain.IterDataset:
+    """{"tokens"} documents -> rows (ROW_KEYS, plus constant int32 `extra` fields such as source_id)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    window = seq_len + 1
+    if method == "concat":
+        packed = gexp.ConcatThenSplitIterDataset(tokens_ds, length_struct={"tokens": window})
+    elif method == "first_fit":
+        pieces = gexp.FlatMapIterDataset(tokens_ds, _ChunkDocument(window))
+        packed = gexp.FirstFitPackIterDataset(pieces, length_struct={"tokens": window}, num_packing_bins=num_bins,
+                                              seed=seed, shuffle_bins=True)
+    else:
+        raise DataError(f"unknown packing method {method!r}; known: {PACKING_METHODS}")
+    return packed.map(_ToRow(pad_id, extra))
+
+
+def attention_mask(segment_ids: np.ndarray, causal: bool = True) -> np.ndarray:
+    """[..., T] segment ids -> [..., T, T] bool: query i may attend key j. Same non-zero segment only
+    (and j <= i when causal); this is the mask the model must build from a packed batch."""
+    seg = np.asarray(segment_ids)
+    mask = (seg[..., :, None] == seg[..., None, :]) & (seg[..., :, None] != 0)
+    if causal:
+        t = seg.shape[-1]
+        mask &= np.tril(np.ones((t, t), dtype=bool))
+    return mask

@@ -1,0 +1,192 @@
+"""The pipeline end to end: phases, mixture shares, determinism, checkpointed state, processes, eval."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from phi3_jax.data import (DataError, TextbookSource, default_data_config, make_pipeline, make_tokenizer,
+                           phase_schedule, source_documents, unigram_entropy)
+
+SEQ, BATCH = 64, 8
+TPS = SEQ * BATCH  # tokens per step
+TOK = make_tokenizer("byte")
+
+
+def _cfg(phases=None, **top):
+    cfg = default_data_config()
+    cfg.sources[0]["num_docs"] = 3000  # textbook
+    cfg.phases = phases or [
+        {"name": "a", "tokens": 3 * TPS + 1, "weights": {"textbook": 0.7, "stdlib": 0.3}},  # 4 steps
+        {"name": "b", "tokens": 2 * TPS, "weights": {"textbook_hq": 1.0}},
+    ]
+    for k, v in top.items():
+        cfg[k] = v
+    cfg.read_threads = 0  # no read-ahead threads: tests stay light on 2 cores
+    return cfg
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(xs, ys):
+    return len(xs) == len(ys) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                      for x, y in zip(xs, ys))
+
+
+def test_batch_format():
+    b = next(make_pipeline(_cfg(), TOK, SEQ, BATCH, seed=0))
+    assert set(b) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
+    for k, v in b.items():
+        assert v.shape == (BATCH, SEQ) and v.dtype == (np.float32 if k == "loss_mask" else np.int32)
+    assert b["inputs"].max() < TOK.vocab_size and 0.5 < b["loss_mask"].mean() <= 1.0
+
+
+def test_phase_boundaries_follow_token_budgets():
+    cfg = _cfg()
+    assert phase_schedule(cfg, SEQ, BATCH) == [("a", 0, 4), ("b", 4, 2)]
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True)
+    seen = []
+    for b in it:
+        seen.append((it.phase_name, set(b["source_id"].tolist())))
+    assert [p for p, _ in seen] == ["a"] * 4 + ["b"] * 2  # then the iterator ends
+    assert all(s <= {0, 1} for _, s in seen[:4]) and all(s == {2} for _, s in seen[4:])
+
+
+def test_mixture_shares_match_weights():
+    weights = {"textbook": 0.6, "stdlib": 0.3, "textbook_hq": 0.1}
+    cfg = _cfg([{"name": "mix", "tokens": 0, "weights": weights}])
+    it = make_pipeline(cfg, TOK, SEQ, 16, seed=0, with_source_ids=True)
+    tokens = np.zeros(3)
+    for b in itertools.islice(it, 60):
+        np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(axis=1))
+    share = tokens / tokens.sum()
+    assert np.allclose(share, list(weights.values()), atol=0.01), share
+
+
+def test_same_seed_same_batches_different_seed_different():
+    cfg = _cfg()
+    a = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=3), 5)
+    b = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=3), 5)
+    c = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=4), 5)
+    assert _same(a, b) and not _same(a, c)
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+def test_state_restore_continues_identically(packing):
+    cfg = _cfg(packing=packing)
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # as grain's Orbax handler stores it
+    expected = list(it)  # 3 more in phase a, 2 in phase b
+    assert len(expected) == 3
+    fresh = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    fresh.set_state(state)
+    assert fresh.step == 3 and _same(list(fresh), expected)
+
+
+def test_state_restore_at_phase_boundary():
+    cfg = _cfg()
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    _take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = list(it)
+    fresh = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    fresh.set_state(state)
+    got = list(fresh)
+    assert len(got) == 2 and _same(got, expected) and fresh.phase_name == "b"
+    other = _cfg([{"name": "x", "tokens": 0}])
+    with pytest.raises(DataError, match="state is for phases"):
+        make_pipeline(other, TOK, SEQ, BATCH, seed=0).set_state(state)
+
+
+def test_processes_get_disjoint_slices_of_the_global_batch():
+    cfg = _cfg()
+    full = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True), 4)
+    parts = [_take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, process_index=p, process_count=2,
+                                 with_source_ids=True), 4) for p in range(2)]
+    for step in range(4):
+        p0, p1 = parts[0][step], parts[1][step]
+        assert p0["inputs"].shape == (BATCH // 2, SEQ)
+        # Processes read different documents, and agree on which source each row slot comes from.
+        assert not np.array_equal(p0["inputs"], p1["inputs"])
+        assert np.array_equal(p0["source_id"], p1["source_id"])
+    assert full[0]["inputs"].shape == (BATCH, SEQ)
+    with pytest.raises(DataError, match="multiple of process_count"):
+        make_pipeline(cfg, TOK, SEQ, 7, seed=0, process_count=2)
+
+
+def test_eval_split_is_held_out_finite_and_padded():
+    cfg = _cfg()
+    cfg.sources[0]["num_docs"] = 200
+    cfg.eval_fraction = 0.05  # textbook: documents 190..199; stdlib: its last max(1, 5%) files
+    held_out = source_documents(cfg, "textbook", "eval")
+    assert len(held_out) == 10 and len(source_documents(cfg, "textbook", "train")) == 190
+    assert held_out[0] == TextbookSource(num_docs=200, seed=0, low_quality_fraction=0.2)[190]
+    batches = list(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, split="eval", eval_sources=["textbook"]))
+    first = TOK.decode(batches[0]["inputs"][0])
+    assert held_out[0]["text"].startswith(first)
+    assert all(b["inputs"].shape == (BATCH, SEQ) for b in batches)
+    assert (batches[-1]["segment_ids"] == 0).any()  # the last batch is padded, not dropped
+    total = sum(int(b["loss_mask"].sum()) for b in batches)
+    expected = sum(len(TOK.encode(held_out[i]["text"])) for i in range(10))  # every next-token target
+    assert expected - len(batches) * BATCH <= total <= expected
+    again = list(make_pipeline(cfg, TOK, SEQ, BATCH, seed=5, split="eval", eval_sources=["textbook"]))
+    assert _same(batches, again)  # eval ignores the seed: fixed order
+    # Two processes see the same number of eval steps.
+    p = [list(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, split="eval", process_index=i, process_count=2,
+                            eval_sources=["textbook"])) for i in range(2)]
+    assert len(p[0]) == len(p[1]) == len(batches)
+    assert np.array_equal(np.concatenate([p[0][0]["inputs"], p[1][0]["inputs"]]), batches[0]["inputs"])
+    # By default eval covers every source some phase uses, each packed on its own.
+    ids = {int(i) for b in make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, split="eval", with_source_ids=True)
+           for i in b["source_id"][b["segment_ids"].max(axis=1) > 0]}
+    assert ids == {0, 1, 2}
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(np.array([0, 1, 2, 3] * 10), unit="bits") == pytest.approx(2.0)
+    assert unigram_entropy([5, 5, 5]) == 0.0
+    h = unigram_entropy(make_pipeline(_cfg(), TOK, SEQ, BATCH, seed=0), num_batches=6, unit="bits")
+    assert 3.0 < h < 6.0  # bytes of English and code
+    assert unigram_entropy(make_pipeline(_cfg(), TOK, SEQ, BATCH, seed=0), num_batches=6) == pytest.approx(h * np.log(2))
+
+
+def test_grain_checkpoint_handler_and_thread_prefetch(tmp_path):
+    """The iterator saves/restores through grain's Orbax handler; thread prefetching keeps the batches."""
+    import grain
+    from etils import epath
+
+    from phi3_jax.data import make_pipeline_dataset
+
+    cfg = _cfg()
+    cfg.read_threads = 2  # read-ahead threads must not change order or state
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    first = _take(it, 2)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), item=it)
+    expected = list(it)
+    restored = handler.restore(epath.Path(tmp_path), item=make_pipeline(cfg, TOK, SEQ, BATCH, seed=0))
+    assert _same(list(restored), expected)
+    ds = make_pipeline_dataset(cfg, TOK, SEQ, BATCH, seed=0)
+    prefetched = iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2))
+    assert _same(list(prefetched), first + expected)
+
+
+@pytest.mark.slow
+def test_worker_processes_are_deterministic_and_restorable():
+    cfg = _cfg(worker_processes=2)
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True)
+    head = _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    tail = list(it)
+    assert len(tail) == 3 and all(set(b["source_id"].tolist()) == {2} for b in tail[1:])
+    again = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True)
+    assert _same(_take(again, 3), head)
+    restored = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True)
+    restored.set_state(state)
+    assert _same(list(restored), tail)
+    for i in (it, again, restored):
+        i.close()
