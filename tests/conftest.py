@@ -1,7 +1,7 @@
 """Test set-up: 8 simulated CPU devices for sharding tests, float32 matmuls at full precision.
 
-Tests marked `slow` run only with --runslow (the full run CI does); `gpu` / `tpu` tests skip unless
-that backend is present.
+Tests marked `slow` run only with --runslow (the full run CI does); `gpu` tests skip unless
+that backend is present (`tpu` AOT tests skip themselves when libtpu is missing).
 """
 import os
 

@@ -98,7 +98,9 @@ def params_from_hf(cfg: ModelConfig, get_tensor, names: set[str],
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) the {cfg.family} config needs, "
                               f"e.g. {missing[:3]}")
-    unexpected = sorted(n for n in names - set(expected) if not IGNORED.match(n))
+    # A tied checkpoint may still carry the lm_head copy; transformers ties it on load, so do the same.
+    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(n for n in names - set(expected) - ignored if not IGNORED.match(n))
     if unexpected:
         raise CheckpointError(f"checkpoint holds {len(unexpected)} tensor(s) the {cfg.family} config does not "
                               f"use, e.g. {unexpected[:3]} (is it a checkpoint of another model?)")
