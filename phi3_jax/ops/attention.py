@@ -3,8 +3,9 @@
 Implementations:
 - "xla": plain JAX, the reference every other path is tested against; runs anywhere.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
-- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks;
-  dense masks under "pallas" take the best dense path of the backend.
+- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks
+  (on a CPU host the TPU kernel runs in Pallas' interpreter, for tests); dense masks under "pallas" take
+  the best dense path of the backend.
 - "auto": cuDNN for dense masks on GPU, Pallas for block-sparse masks on GPU/TPU, else XLA.
 
 Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query attention: query head n
@@ -145,5 +146,8 @@ def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
 
     if mask.window is not None or not mask.causal:
         raise ValueError("attention: block-sparse kernels are causal and take no window")
+    platform = jax.default_backend()
+    backend = "gpu" if platform == "gpu" else "tpu"
     return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
-                                 segment_ids=mask.q_segment_ids, backend=jax.default_backend())
+                                 segment_ids=mask.q_segment_ids, backend=backend,
+                                 interpret=platform not in ("gpu", "tpu"))
