@@ -61,12 +61,14 @@ class Norm(nnx.Module):
     def __call__(self, x_BTD):
         x32 = x_BTD.astype(jnp.float32)
         if self.kind == "layer":
+            # torch.nn.LayerNorm applies weight and bias in float32 and rounds once (bf16: bit-equal
+            # on all but ~3e-5 of the entries, against ~37% when rounding before the weight).
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            y32 = y32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            return y32.astype(x_BTD.dtype)
         y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x_BTD.dtype)
-        y = y * self.scale[...].astype(x_BTD.dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(x_BTD.dtype)
-        return y
+        return y * self.scale[...].astype(x_BTD.dtype)
 
 
 def rope_tables(cfg: ModelConfig, positions_BT, dtype):

@@ -1,0 +1,89 @@
+"""Command line: move weights between Hugging Face folders and phi3_jax checkpoints.
+
+    python -m phi3_jax.convert import-hf --hf-dir DIR --out CKPT [--dtype bfloat16] [--force]
+    python -m phi3_jax.convert export-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--max-shard-size 5GB] [--force]
+
+A mistake the user can fix (bad config, missing tensor, existing output) prints one line on stderr and
+exits with status 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 1048576")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m phi3_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    dtypes = ("float32", "bfloat16", "float16")
+
+    imp = sub.add_parser("import-hf", help="Hugging Face folder (config.json + safetensors) -> phi3_jax checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="folder with config.json and model.safetensors or shards")
+    imp.add_argument("--out", required=True, help="checkpoint directory to create")
+    imp.add_argument("--dtype", choices=dtypes, help="parameter dtype to store (default: config.json's)")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    exp = sub.add_parser("export-hf", help="phi3_jax checkpoint or training workdir -> Hugging Face folder")
+    exp.add_argument("--ckpt", required=True, help="checkpoint directory, step folder or training workdir")
+    exp.add_argument("--out", required=True, help="Hugging Face folder to create")
+    exp.add_argument("--dtype", choices=dtypes, help="tensor dtype to write (default: the checkpoint's)")
+    exp.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                     help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def import_hf(args) -> str:
+    from phi3_jax.checkpoint import save_model, unflatten
+    from phi3_jax.convert.hf import prepare_out_dir, read_hf
+
+    prepare_out_dir(args.out, args.force)  # fail before reading gigabytes
+    cfg, flat = read_hf(args.hf_dir, args.dtype)
+    out = save_model(args.out, cfg, unflatten(flat), force=args.force)
+    return f"wrote {out} ({cfg.param_count():,} parameters, {cfg.param_dtype})"
+
+
+def export_hf(args) -> str:
+    import jax
+    import numpy as np
+
+    from phi3_jax.checkpoint import flatten, read_config, restore_params
+    from phi3_jax.convert.hf import prepare_out_dir, write_hf
+
+    prepare_out_dir(args.out, args.force)
+    cfg = read_config(args.ckpt)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(restore_params(args.ckpt, cfg)).items()}
+    out = write_hf(args.out, cfg, flat, dtype=args.dtype, max_shard_bytes=args.max_shard_size, force=args.force)
+    return f"wrote {out} ({cfg.param_count():,} parameters, {args.dtype or cfg.param_dtype})"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion needs no accelerator
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns before our own message says it better
+    from phi3_jax.convert.hf_weights import CheckpointError
+    from phi3_jax.model.config import ConfigError
+
+    try:
+        msg = (import_hf if args.command == "import-hf" else export_hf)(args)
+    except (ConfigError, CheckpointError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
