@@ -105,6 +105,8 @@ def test_generation_config():
     phi3 = get_preset("phi-3-mini-4k")
     assert generation_config(phi3) == {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
     assert generation_config(get_preset("phi-3-tiny")) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    small = generation_config(get_preset("phi-3-small-8k"))
+    assert small["eos_token_id"] == [100257, 100266]
 
 
 def test_load_every_kind(tmp_path, hf32):

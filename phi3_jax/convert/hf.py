@@ -32,6 +32,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Stop tokens of the phi3 chat models (spec §8.1): <|endoftext|>, <|assistant|>, <|end|>.
 PHI3_STOP_IDS = (32000, 32001, 32007)
+PHI3_SMALL_STOP_IDS = (100257, 100266)  # <|endoftext|>, <|end|> (spec §8.2)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -138,8 +139,9 @@ def _np_dtype(name: str):
 def generation_config(cfg: ModelConfig) -> dict:
     eos = cfg.eos_token_id
     eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
-    if cfg.family == "phi3" and cfg.vocab_size > max(PHI3_STOP_IDS):
-        eos_ids += [i for i in PHI3_STOP_IDS if i not in eos_ids]
+    stops = {"phi3": PHI3_STOP_IDS, "phi3small": PHI3_SMALL_STOP_IDS}[cfg.family]
+    if cfg.vocab_size > max(stops):
+        eos_ids += [i for i in stops if i not in eos_ids]
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
            "pad_token_id": cfg.pad_token_id}
     return {k: v for k, v in gen.items() if v is not None and v != []}
