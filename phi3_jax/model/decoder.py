@@ -66,10 +66,17 @@ class Decoder(nnx.Module):
                         else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg, rngs=rngs))
 
     def __call__(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None):
-        cfg = self.cfg
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2 or not jnp.issubdtype(input_ids_BT.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids_BT.dtype}{input_ids_BT.shape}")
+        if isinstance(input_ids_BT, jax.core.Tracer):
+            return self.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
+        # Called eagerly: run through one cached jit instead of re-tracing the layer scan every call.
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, impl)
+
+    def forward(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None):
+        cfg = self.cfg
         B, T = input_ids_BT.shape
         impl = impl or cfg.attention_impl
         if positions_BT is None:
@@ -114,6 +121,12 @@ class Decoder(nnx.Module):
             for s in range(cfg.num_layers // P):
                 x_BTD, _ = step(x_BTD, jax.tree.map(lambda a: a[s], state_SP))
         return x_BTD
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
+def _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, impl):
+    model = nnx.merge(graphdef, state)
+    return model.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
