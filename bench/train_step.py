@@ -1,0 +1,222 @@
+"""Training throughput and MFU: phi3_jax's train step against transformers' Phi3ForCausalLM + torch AdamW.
+
+Both sides do the same work per step: forward, masked next-token cross-entropy over full logits,
+backward, global-norm clipping at 1.0 and an AdamW update of float32 master weights, with bf16 matmuls
+on a GPU (JAX: parameters cast to bf16 inside the jitted step; torch: autocast) and float32 on a CPU.
+Each framework runs in its own child process so neither one's threads or memory disturb the other.
+
+    python bench/train_step.py --device gpu     # phi-3-mini width (3072 / ffn 8192 / 32 heads), 4 layers,
+                                                # seq 4096, batch 4, bf16: tokens/s and MFU
+    python bench/train_step.py                  # CPU: a tiny config against the same peer (ratios only)
+    python bench/train_step.py --append bench/RESULTS.md
+
+MFU = tokens/s x ModelConfig.flops_per_token(seq) / peak bf16 FLOP/s of the chip (phi3_jax.metrics table;
+omitted where the peak is unknown, e.g. CPUs). The same FLOPs per token are used for both frameworks.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import cpu_name  # noqa: E402  (bench/forward.py)
+
+GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
+                 intermediate_size=8192, num_layers=4, seq=4096, batch=4)
+CPU_SHAPE = dict(vocab_size=2048, hidden_size=256, num_heads=8, num_kv_heads=8, head_dim=32,
+                 intermediate_size=688, num_layers=4, seq=256, batch=8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--batch", type=int, help="override the shape's batch")
+    p.add_argument("--seq", type=int, help="override the shape's sequence length")
+    p.add_argument("--layers", type=int, help="override the shape's depth")
+    p.add_argument("--steps", type=int, default=10, help="timed train steps per framework (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--only", choices=("jax", "torch"), help="run one framework and print its JSON result")
+    p.add_argument("--append", metavar="FILE", help="append a markdown entry with the figures to FILE")
+    return p.parse_args(argv)
+
+
+def shape(args) -> dict:
+    s = dict(GPU_SHAPE if args.device == "gpu" else CPU_SHAPE)
+    for k, arg in (("batch", args.batch), ("seq", args.seq), ("num_layers", args.layers)):
+        if arg:
+            s[k] = arg
+    return s
+
+
+def model_config(s: dict, dtype: str, device: str):
+    from phi3_jax.model import ModelConfig
+
+    return ModelConfig(family="phi3", vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+                       num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+                       intermediate_size=s["intermediate_size"], max_position_embeddings=max(4096, s["seq"]),
+                       original_max_position_embeddings=max(4096, s["seq"]), param_dtype="float32", dtype=dtype,
+                       attention_impl="auto" if device == "gpu" else "xla")
+
+
+def _times(step, steps: int, warmup: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def bench_jax(args) -> dict:
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+    import jax
+    import numpy as np
+
+    from phi3_jax import optim, sharding as shd, train_state as ts
+    from phi3_jax.checkpoint import abstract_params
+    from phi3_jax.metrics import peak_flops
+
+    s = shape(args)
+    dtype = "bfloat16" if args.device == "gpu" else "float32"
+    cfg = model_config(s, dtype, args.device)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
+                                 clip_norm=1.0)
+    fns = ts.build(cfg, tx, mesh, compute_dtype=dtype)
+    state = fns.init(0)
+    rng = np.random.RandomState(0)
+    B, T = s["batch"], s["seq"]
+    ids = rng.randint(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    batch = shd.make_global_batch(mesh, {
+        "inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+        "loss_mask": np.ones((B, T), np.float32)}, B)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], m = fns.train_step(holder["state"], batch)
+        jax.block_until_ready(m["loss"])
+
+    first, median = _times(step, args.steps, args.warmup)
+    tps = B * T / median
+    peak = peak_flops(jax.devices()[0])
+    flops = cfg.flops_per_token(T)
+    return dict(framework="phi3_jax", version=jax.__version__, backend=jax.default_backend(),
+                device=str(jax.devices()[0].device_kind), first_s=first, median_s=median, tokens_per_s=tps,
+                params=cfg.param_count(), flops_per_token=flops, mfu=tps * flops / peak if peak else None,
+                dtype=dtype)
+
+
+def bench_torch(args) -> dict:
+    import torch
+    import transformers
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    s = shape(args)
+    torch.manual_seed(0)
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    hf = Phi3Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                    num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+                    num_key_value_heads=s["num_kv_heads"], max_position_embeddings=max(4096, s["seq"]),
+                    original_max_position_embeddings=max(4096, s["seq"]), sliding_window=None, pad_token_id=0,
+                    tie_word_embeddings=False)
+    model = Phi3ForCausalLM._from_config(hf, dtype=torch.float32, attn_implementation="sdpa").to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            **({"fused": True} if dev == "cuda" else {}))
+    B, T = s["batch"], s["seq"]
+    ids = torch.randint(0, s["vocab_size"], (B, T + 1), device=dev)
+    inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            logits = model(inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)  # synchronise
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    first, median = _times(step, args.steps, args.warmup)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    return dict(framework="transformers", version=f"{transformers.__version__} (torch {torch.__version__})",
+                backend=dev, device=name, threads=torch.get_num_threads(), first_s=first, median_s=median,
+                tokens_per_s=B * T / median, params=sum(p.numel() for p in model.parameters()))
+
+
+def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
+    s = shape(args)
+    card = cpu_name() if args.device == "cpu" else jx["device"]
+    ratio = jx["tokens_per_s"] / pt["tokens_per_s"]
+    pt_mfu = pt["tokens_per_s"] * jx["mfu"] / jx["tokens_per_s"] if jx.get("mfu") else None  # same FLOPs, peak
+    fmt = lambda m: "n/a (peak unknown)" if m is None else f"{100 * m:.1f}%"  # noqa: E731
+    return "\n".join([
+        f"## train step, {args.device}, {datetime.date.today().isoformat()}",
+        "",
+        f"- card: {card}",
+        f"- shapes: batch {s['batch']}, seq {s['seq']}, {s['num_layers']} layers of hidden {s['hidden_size']} / "
+        f"{s['num_heads']} heads / ffn {s['intermediate_size']}, vocab {s['vocab_size']} ({jx['params'] / 1e6:.1f}M "
+        f"parameters), {jx['dtype']} compute, float32 master weights, AdamW + clipping, full logits",
+        f"- versions: jax {jx['version']}; transformers {pt['version']}",
+        f"- command: `{command}`",
+        f"- host load average at start (1 min): {load:.1f} (other processes share these cores)",
+        "",
+        "| framework | first step (s) | median step (s) | tokens/s | MFU |",
+        "|---|---|---|---|---|",
+        f"| phi3_jax (jit, donated state) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
+        f"{fmt(jx.get('mfu'))} |",
+        f"| transformers Phi3ForCausalLM + torch AdamW | {pt['first_s']:.2f} | {pt['median_s']:.3f} | "
+        f"{pt['tokens_per_s']:.0f} | {fmt(pt_mfu)} |",
+        "",
+        f"phi3_jax / transformers: **{ratio:.2f}x** training tokens/s.",
+        "",
+    ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.only:
+        result = bench_jax(args) if args.only == "jax" else bench_torch(args)
+        print("RESULT " + json.dumps(result))
+        return 0
+    passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--layers", args.layers)):
+        if v:
+            passthrough += [flag, str(v)]
+    load = os.getloadavg()[0]
+    results = {}
+    for fw in ("jax", "torch"):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", fw, *passthrough],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.stderr.write(proc.stderr[-3000:])
+            print(f"error: the {fw} benchmark failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results[fw] = r = json.loads(lines[-1][len("RESULT "):])
+        mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+        print(f"{r['framework']:13s} {r['backend']:4s} first {r['first_s']:7.2f}s  median step {r['median_s']:.4f}s  "
+              f"{r['tokens_per_s']:10.1f} tokens/s{mfu}")
+    print(f"ratio phi3_jax / transformers: {results['jax']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
+    if args.append:
+        command = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.append, "a") as f:
+            f.write("\n" + markdown(args, results["jax"], results["torch"], command.strip(), load))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

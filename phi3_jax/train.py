@@ -1,0 +1,377 @@
+"""`python -m phi3_jax.train --config configs/FILE.py[:ARG] --workdir DIR [--config.a.b=value ...]`
+
+Trains a Phi-3-family model from a config file (see phi3_jax/train_config.py for the sections) and
+resumes from WORKDIR/checkpoints when the same command runs again. `--init_from PATH` starts from the
+weights of a Hugging Face folder, a phi3_jax checkpoint or another workdir (fine-tuning; optimizer state
+and step start fresh; ignored when the workdir already holds a checkpoint).
+
+Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ and WORKDIR/checkpoints/ (loadable with
+`phi3_jax.load(WORKDIR)`), shows a progress bar, and prints a sample of the trained model at the end.
+SIGTERM / SIGINT save a checkpoint at the current step and exit cleanly (a second SIGINT aborts).
+
+Multi-host: pass --coordinator_address HOST:PORT --num_processes N --process_id I (or set
+PHI3_COORDINATOR_ADDRESS / PHI3_NUM_PROCESSES / PHI3_PROCESS_ID, or PHI3_DISTRIBUTED=1 on managed
+clusters); every process runs the same command.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from phi3_jax import sharding as shd
+from phi3_jax import train_config as tcfg
+
+_DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclasses.dataclass
+class Result:
+    status: str  # "done" | "preempted" | "complete" (nothing left to do)
+    step: int
+    losses: dict[int, float]
+    eval_loss: float | None
+    unigram_entropy: float | None
+    sample: str | None
+    workdir: str
+
+
+class _Signals:
+    """SIGTERM / SIGINT -> a flag the loop checks after each step; a second SIGINT raises at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def stop_requested(self) -> bool:
+        flag = self.received is not None
+        if jax.process_count() > 1:  # every process must stop (and save) at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=None, wd_multipliers=None) -> Result:
+    """Trains as configured; returns what happened. Raises ConfigError / DataError / CheckpointError /
+    ShardingError / TrainingError with one message each; user errors are raised before anything is written."""
+    from phi3_jax import checkpoint as ckpt_lib
+    from phi3_jax import optim
+    from phi3_jax import train_data
+    from phi3_jax import train_state as ts
+    from phi3_jax.data import make_tokenizer_from_config, unigram_entropy
+    from phi3_jax.metrics import MetricsWriter, mfu, peak_flops
+
+    # ---- everything a user can get wrong is checked before the workdir is touched ----
+    r = tcfg.validate(config)
+    t = r.train
+    tokenizer = make_tokenizer_from_config(r.raw["data"])
+    model_cfg = tcfg.resolve_model(r, tokenizer)
+    mesh = shd.make_mesh(r.mesh)
+    n_batch = shd.batch_axis_size(mesh)
+    if (t.batch_size // t.grad_accum) % n_batch:
+        raise shd.ShardingError(f"config.train.batch_size={t.batch_size} (grad_accum={t.grad_accum}): each microbatch "
+                                f"must split evenly over the {n_batch} batch shards of mesh {dict(mesh.shape)}")
+    num_shards = t.data_shards or jax.process_count()
+    shards = train_data.shard_ids(mesh, t.batch_size, t.seq_len, num_shards)
+    feed = train_data.DataFeed(r.raw["data"], tokenizer, t.seq_len, t.batch_size, t.seed, shards, num_shards)
+    initial_data_state = feed.get_state()
+    next(feed)  # reads from every source now: a missing or bad file fails here, not mid-run
+    feed.set_state(initial_data_state)
+    if init_from:
+        ckpt_lib.resolve(init_from)  # a missing or unrecognised path fails before anything is written
+
+    abstract_params = ckpt_lib.abstract_params(model_cfg, r.precision["param_dtype"])
+    tx, schedule = optim.make_optimizer_from_config(abstract_params, t, lr_multipliers=lr_multipliers,
+                                                    wd_multipliers=wd_multipliers)
+    fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum)
+    lr_at = jax.jit(schedule)
+
+    # ---- state: resume, init_from, or fresh ----
+    workdir_p = Path(workdir)
+    resuming = (workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS).is_dir() and ckpt_lib._steps(
+        workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
+    if resuming:
+        ckpt = ckpt_lib.TrainCheckpointer(workdir_p, keep_last=t.keep_last, keep_every=t.keep_every,
+                                          async_save=t.async_checkpoint)
+        start = ckpt.latest_step()
+        state = ckpt.restore(start, fns.abstract_state, model_cfg, feed)
+        _log(f"resumed from {ckpt.directory / str(start)}")
+    else:
+        if init_from:
+            src_cfg = ckpt_lib.read_config(init_from).to_dict()
+            differ = sorted(k for k, v in model_cfg.to_dict().items()
+                            if k not in ("param_dtype", "dtype", "attention_impl", "remat", "scan_layers")
+                            and src_cfg.get(k) != v)
+            if differ:
+                _log(f"warning: the model config differs from {init_from}'s in {differ}; only parameter shapes "
+                     "must match, check that the rest is intended")
+            params = ckpt_lib.restore_params(init_from, model_cfg, r.precision["param_dtype"],
+                                             fns.state_shardings["params"])
+            state = ts.state_from_params(fns, tx, params)
+            _log(f"initialised weights from {init_from}")
+        else:
+            state = fns.init(t.seed)
+        workdir_p.mkdir(parents=True, exist_ok=True)
+        ckpt = ckpt_lib.TrainCheckpointer(workdir_p, keep_last=t.keep_last, keep_every=t.keep_every,
+                                          async_save=t.async_checkpoint)
+        start = 0
+
+    writer = MetricsWriter(workdir_p, start_step=start, total_steps=t.steps, tensorboard=t.tensorboard,
+                           progress=t.progress)
+    n_params = model_cfg.param_count()
+    flops_tok = model_cfg.flops_per_token(t.seq_len)
+    peak = peak_flops()
+    writer.message(f"model {r.raw['model']['preset']}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} "
+                   f"MFLOP/token; mesh {dict(mesh.shape)}; {jax.process_count()} process(es), "
+                   f"{jax.device_count()} device(s) ({jax.devices()[0].device_kind})")
+    h = None
+    if start == 0:
+        h = unigram_entropy(feed, num_batches=8)
+        feed.set_state(initial_data_state)
+        writer.write(0, {"unigram_entropy": h})
+        writer.message(f"unigram entropy of the training tokens: {h:.4f} nats/token")
+
+    evals = []
+    if t.eval_every > 0:
+        evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in train_data.eval_batches(
+            r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps)]
+
+    def evaluate() -> float | None:
+        if not evals:
+            return None
+        sums = [fns.eval_step(state["params"], b) for b in evals]
+        s = sum(float(a) for a, _ in sums)
+        n = sum(float(b) for _, b in sums)
+        return s / max(n, 1.0)
+
+    losses: dict[int, float] = {}
+    window = {"loss": 0.0, "n": 0, "gn": 0.0, "t0": None, "tokens": 0}
+    tokens_per_step = t.batch_size * t.seq_len
+    status, last_saved, eval_loss = "done", start, None
+    data_state = feed.get_state()
+
+    def handle(step: int, m: dict) -> None:
+        m = jax.device_get(m)
+        loss, finite = float(m["loss"]), bool(m["finite"])
+        losses[step] = loss
+        if finite:
+            window["loss"] += loss
+            window["gn"] += float(m["grad_norm"])
+            window["n"] += 1
+        window["tokens"] += tokens_per_step
+        if int(m["nonfinite_run"]) >= t.max_nonfinite_in_a_row:
+            raise TrainingError(
+                f"stopping at step {step}: {int(m['nonfinite_run'])} steps in a row had a non-finite loss or "
+                f"gradient (train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); their updates were skipped. "
+                f"The last checkpoint (step {last_saved}) is intact. Lower train.lr or check the data.")
+        first = window["t0"] is None  # the first step includes compilation: time from its end
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.perf_counter()
+            tps = window["tokens"] / max(now - window["t0"], 1e-9) if window["tokens"] and not first else None
+            applied = step - int(m["skipped"])
+            row = {"loss": window["loss"] / window["n"] if window["n"] else loss,
+                   "lr": float(lr_at(np.int32(max(applied - 1, 0)))),
+                   "grad_norm": window["gn"] / window["n"] if window["n"] else float(m["grad_norm"]),
+                   "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
+                   "skipped": int(m["skipped"])}
+            writer.write(step, row)
+            logged["loss"] = row["loss"]
+            writer.progress(step, loss=row["loss"], **({"tok/s": f"{tps:,.0f}"} if tps else {}))
+            window.update(loss=0.0, n=0, gn=0.0, t0=now, tokens=0)
+        if first:
+            window["t0"], window["tokens"] = time.perf_counter(), 0
+
+    logged: dict[str, float] = {}
+    pending = None
+    try:
+        with _Signals() as sig:
+            for step in range(start, t.steps):
+                try:
+                    batch_np = next(feed)
+                except StopIteration:
+                    writer.message(f"the data ran out after step {step} (the last phase has a token budget)")
+                    break
+                data_state = feed.get_state()
+                batch = shd.make_global_batch(mesh, batch_np, t.batch_size)
+                state, metrics = fns.train_step(state, batch)
+                if pending is not None:
+                    handle(*pending)
+                pending = (step + 1, metrics)
+                s = step + 1
+                if t.eval_every and s % t.eval_every == 0 and s != t.steps:
+                    handle(*pending)
+                    pending = None
+                    eval_loss = evaluate()
+                    writer.write(s, {"eval_loss": eval_loss})
+                stop = sig.stop_requested()
+                if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
+                    ckpt.save(s, state, data_state, model_cfg, r.raw)
+                    last_saved = s
+                if stop:
+                    if pending is not None:
+                        handle(*pending)
+                        pending = None
+                    ckpt.wait()
+                    status = "preempted"
+                    writer.message(f"received {sig.received} at step {s}: checkpoint saved to "
+                                   f"{ckpt.directory / str(s)}; run the same command to resume")
+                    break
+            if pending is not None:
+                handle(*pending)
+                pending = None
+        final_step = int(jax.device_get(state["step"]))
+        if status == "done":
+            if final_step != last_saved:
+                ckpt.save(final_step, state, data_state, model_cfg, r.raw)
+            ckpt.wait()
+            if evals:
+                eval_loss = evaluate()
+                writer.write(final_step, {"eval_loss": eval_loss})
+    except BaseException:
+        writer.close()
+        ckpt.close()
+        raise
+    if start >= t.steps:
+        status = "complete"
+    writer.close()
+    ckpt.close()
+
+    sample = None
+    if status != "preempted" and r.sample.max_new_tokens > 0:
+        from phi3_jax.generate import sample_text
+
+        sample = sample_text((ts.graphdef_of(model_cfg), state["params"]), tokenizer, r.sample.prompt,
+                             r.sample.max_new_tokens, temperature=r.sample.temperature, seed=r.sample.seed)
+    summary = f"step {final_step}/{t.steps}"
+    if "loss" in logged:
+        summary += f", loss {logged['loss']:.4f} (mean of the last {t.log_every} steps)"
+    if eval_loss is not None:
+        summary += f", eval_loss {eval_loss:.4f}"
+    if h is not None:
+        summary += f" (unigram entropy {h:.4f})"
+    _log(f"{status}: {summary}; checkpoints in {ckpt.directory}")
+    if sample is not None:
+        _log(f"sample (prompt {r.sample.prompt!r}):\n{r.sample.prompt}{sample}")
+    return Result(status=status, step=final_step, losses=losses, eval_loss=eval_loss, unigram_entropy=h,
+                  sample=sample, workdir=str(workdir_p))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", str(_DEFAULT_CONFIG) if _DEFAULT_CONFIG.exists() else None,
+        "Config file with get_config(arg): configs/FILE.py[:ARG]. Override fields with --config.SECTION.FIELD=value.",
+        lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs (resumes if it "
+                        "holds checkpoints).")
+    flags.DEFINE_string("init_from", None, "Initial weights: a Hugging Face folder, phi3_jax checkpoint or workdir.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+    return flags.FLAGS
+
+
+def _parse(argv):
+    """absl parsing with one clear line for unknown config fields or bad values (no traceback)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = next((a for a in argv[1:] if a.startswith("--config.")), "")
+        name = str(e).strip("'\"")
+        sys.stderr.write(f"error: config field {name!r} in {bad.split('=')[0] or 'the command line'}: unknown field "
+                         f"or bad value ({type(e).__name__}: {e})\n")
+        sys.exit(2)
+
+
+def main(argv) -> None:
+    from phi3_jax.checkpoint import CheckpointError
+    from phi3_jax.data import DataError
+    from phi3_jax.model.config import ConfigError
+
+    FLAGS = _define_flags_once()
+    if len(argv) > 1:
+        sys.stderr.write(f"error: unexpected arguments {argv[1:]}\n")
+        sys.exit(2)
+    if not FLAGS.workdir:
+        sys.stderr.write("error: --workdir is required\n")
+        sys.exit(2)
+    if FLAGS.config is None:
+        sys.stderr.write("error: --config is required (e.g. --config configs/tiny.py)\n")
+        sys.exit(2)
+    shd.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        result = run(FLAGS.config, FLAGS.workdir, FLAGS.init_from)
+    except (ConfigError, DataError, CheckpointError, shd.ShardingError, TrainingError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    sys.exit(0 if result.status in ("done", "preempted", "complete") else 1)
+
+
+_FLAGS = None
+
+
+def _define_flags_once():
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = _define_flags()
+    return _FLAGS
+
+
+def cli() -> None:
+    from absl import app, logging
+
+    _define_flags_once()
+    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    app.run(main, flags_parser=_parse)
+
+
+if __name__ == "__main__":
+    cli()
+
+
+__all__ = ["run", "Result", "TrainingError", "cli"]

@@ -1,0 +1,262 @@
+"""The training config: sections, defaults, validation, and the ModelConfig it resolves to.
+
+A config file (`configs/*.py`) defines `get_config(arg)` returning `default_config()` with its changes.
+Sections:
+
+  model      preset (a name in phi3_jax.model.PRESETS, for the record) plus every ModelConfig field,
+             filled from the preset by `model_section(preset, **overrides)` so that each one can be set
+             on the command line (--config.model.num_layers=4). vocab_size=-1 takes the tokenizer's.
+             param_dtype / dtype are not here: they come from `precision`.
+  data       phi3_jax.data's ConfigDict (`default_data_config()`), validated by phi3_jax.data.
+  train      steps, batch_size (global, in sequences), seq_len, lr, min_lr_ratio, warmup_steps,
+             schedule (cosine | linear | constant), weight_decay, b1, b2, eps, clip_norm (<= 0: off),
+             grad_accum (microbatches per step), log_every, eval_every (0: never), eval_steps,
+             checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
+             beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
+             the data pipeline is split into; 0: one per process; fix it to compare runs across process
+             counts), async_checkpoint, tensorboard, progress.
+  mesh       data, fsdp, tensor, expert: sizes of the device mesh axes (-1: the remaining devices).
+  precision  param_dtype (master weights and optimizer state; float32), compute_dtype (bfloat16 | float32).
+  sample     prompt, max_new_tokens (0: no sample at the end), temperature (0: greedy), seed.
+
+`validate(config)` checks every section before anything is written: an unknown field or a value of the
+wrong type raises `ConfigError` naming the field (`config.train.stpes: unknown field ...`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import types
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from phi3_jax.model.config import ConfigError, ModelConfig
+
+SECTIONS = ("model", "data", "train", "mesh", "precision", "sample")
+_MODEL_DTYPE_FIELDS = ("param_dtype", "dtype")
+
+
+def train_defaults() -> dict[str, Any]:
+    return dict(
+        steps=1000, batch_size=8, seq_len=256, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, schedule="cosine",
+        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1,
+        log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
+        max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
+    )
+
+
+def mesh_defaults() -> dict[str, int]:
+    return dict(data=1, fsdp=-1, tensor=1, expert=1)
+
+
+def precision_defaults() -> dict[str, str]:
+    return dict(param_dtype="float32", compute_dtype="bfloat16")
+
+
+def sample_defaults() -> dict[str, Any]:
+    return dict(prompt="Title: Arithmetic practice for children\n\n", max_new_tokens=200, temperature=0.0, seed=0)
+
+
+def _field_type(name: str):
+    """The ConfigDict type of a ModelConfig field (for None defaults: the non-None annotation)."""
+    hints = typing.get_type_hints(ModelConfig)
+    t = hints[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        if len(args) == 1:
+            return typing.get_origin(args[0]) or args[0]
+        return object
+    return typing.get_origin(t) or t
+
+
+def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """The model section for a preset with overrides: every ModelConfig field present and typed."""
+    from phi3_jax.model import PRESETS  # registers every family's presets
+
+    if preset not in PRESETS:
+        raise ConfigError(f"config.model.preset={preset!r}: unknown preset; known: {sorted(PRESETS)}")
+    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _MODEL_DTYPE_FIELDS]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ConfigError(f"config.model.{unknown[0]}: unknown ModelConfig field")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    values = {**defaults, **PRESETS[preset], **overrides}
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    for name in names:
+        v, t = values[name], _field_type(name)
+        if isinstance(v, list):
+            v = tuple(v)
+        if v is None or t is object:
+            c[name] = config_dict.FieldReference(v, field_type=t)
+        else:
+            c[name] = v
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    from phi3_jax.data.config import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.model = model_section("phi-3-tiny")
+    c.data = default_data_config()
+    c.train = train_defaults()
+    c.mesh = mesh_defaults()
+    c.precision = precision_defaults()
+    c.sample = sample_defaults()
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------
+
+def _plain(x):
+    if isinstance(x, ml_collections.ConfigDict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, config_dict.FieldReference):
+        return _plain(x.get())
+    return x
+
+
+def _check_type(where: str, value, default):
+    kind = type(default)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+
+
+def _check_section(name: str, given: dict, defaults: dict) -> dict:
+    if not isinstance(given, dict):
+        raise ConfigError(f"config.{name}: expected a section (dict of fields), got {type(given).__name__}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"config.{name}.{unknown[0]}: unknown field; known fields: {', '.join(sorted(defaults))}")
+    return {k: _check_type(f"config.{name}.{k}", given[k], d) if k in given else d for k, d in defaults.items()}
+
+
+def _positive(section: str, d: dict, *names, allow_zero=False):
+    for n in names:
+        if d[n] < 0 or (d[n] == 0 and not allow_zero):
+            raise ConfigError(f"config.{section}.{n}={d[n]!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """The checked config: plain dicts per section and the ModelConfig (vocab_size may still be -1)."""
+    model: ModelConfig | None
+    model_fields: dict
+    data: Any  # phi3_jax.data DataSpec
+    train: types.SimpleNamespace
+    mesh: dict
+    precision: dict
+    sample: types.SimpleNamespace
+    raw: dict  # the whole config as plain Python (JSON-able), saved with checkpoints
+
+
+def validate(config) -> Resolved:
+    """Checks every section; raises ConfigError / DataError naming the field. Writes nothing."""
+    raw = _plain(config)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a ConfigDict, got {type(config).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config.{unknown[0]}: unknown section; known sections: {', '.join(SECTIONS)}")
+    missing = [s for s in ("model", "data", "train") if s not in raw]
+    if missing:
+        raise ConfigError(f"config.{missing[0]}: section missing")
+
+    train = _check_section("train", raw["train"], train_defaults())
+    _positive("train", train, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps", "keep_last",
+              "max_nonfinite_in_a_row")
+    _positive("train", train, "lr", "warmup_steps", "weight_decay", "eps", "eval_every", "checkpoint_every",
+              "keep_every", "data_shards", allow_zero=True)
+    if train["schedule"] not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"config.train.schedule={train['schedule']!r}: must be cosine, linear or constant")
+    if not 0.0 <= train["min_lr_ratio"] <= 1.0:
+        raise ConfigError(f"config.train.min_lr_ratio={train['min_lr_ratio']}: must be in [0, 1]")
+    for b in ("b1", "b2"):
+        if not 0.0 <= train[b] < 1.0:
+            raise ConfigError(f"config.train.{b}={train[b]}: must be in [0, 1)")
+    if train["batch_size"] % train["grad_accum"]:
+        raise ConfigError(f"config.train.grad_accum={train['grad_accum']}: must divide "
+                          f"train.batch_size={train['batch_size']}")
+
+    mesh = _check_section("mesh", raw.get("mesh", {}), mesh_defaults())
+    for k, v in mesh.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"config.mesh.{k}={v}: must be a positive integer or -1 (fill)")
+    if sum(v == -1 for v in mesh.values()) > 1:
+        raise ConfigError("config.mesh: at most one axis may be -1")
+
+    precision = _check_section("precision", raw.get("precision", {}), precision_defaults())
+    for k, allowed in (("param_dtype", ("float32", "bfloat16")), ("compute_dtype", ("float32", "bfloat16", "float16"))):
+        if precision[k] not in allowed:
+            raise ConfigError(f"config.precision.{k}={precision[k]!r}: must be one of {allowed}")
+
+    sample = _check_section("sample", raw.get("sample", {}), sample_defaults())
+    _positive("sample", sample, "max_new_tokens", "temperature", allow_zero=True)
+
+    model_fields, model = _check_model(raw["model"], precision)
+
+    from phi3_jax.data.config import validate_data_config
+
+    data = validate_data_config(raw["data"])
+    return Resolved(model=model, model_fields=model_fields, data=data, train=types.SimpleNamespace(**train),
+                    mesh=mesh, precision=precision, sample=types.SimpleNamespace(**sample), raw=raw)
+
+
+def _check_model(given, precision) -> tuple[dict, ModelConfig | None]:
+    if not isinstance(given, dict):
+        raise ConfigError(f"config.model: expected a section, got {type(given).__name__}")
+    if "preset" not in given:
+        raise ConfigError("config.model.preset: missing (build the section with train_config.model_section)")
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - set(_MODEL_DTYPE_FIELDS)
+    for k in given:
+        if k in _MODEL_DTYPE_FIELDS:
+            raise ConfigError(f"config.model.{k}: set precision.param_dtype / precision.compute_dtype instead")
+        if k != "preset" and k not in names:
+            raise ConfigError(f"config.model.{k}: unknown ModelConfig field")
+    fields = model_section(given["preset"]).to_dict()  # the preset's values fill what the section lacks
+    for k, v in given.items():
+        if k == "preset":
+            continue
+        default = _plain(fields.get(k))
+        if default is not None and v is not None and _field_type(k) is not object:
+            v = _check_type(f"config.model.{k}", v, default)
+        fields[k] = tuple(v) if isinstance(v, list) else v
+    fields = {k: _plain(v) for k, v in fields.items() if k != "preset"}
+    fields["param_dtype"] = precision["param_dtype"]
+    fields["dtype"] = precision["compute_dtype"]
+    if fields["vocab_size"] == -1:
+        return fields, None  # completed from the tokenizer by resolve_model
+    return fields, _model_config(fields)
+
+
+def _model_config(fields: dict) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(fields)
+    except ConfigError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def resolve_model(resolved: Resolved, tokenizer) -> ModelConfig:
+    """The ModelConfig, vocab_size completed from the tokenizer (-1), checked against the tokenizer."""
+    fields = dict(resolved.model_fields)
+    if fields["vocab_size"] == -1:
+        fields["vocab_size"] = int(tokenizer.vocab_size)
+    cfg = _model_config(fields)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids, data.tokenizer.kind={resolved.data.tokenizer['kind']!r}); "
+                          "set config.model.vocab_size >= it (or -1 to take the tokenizer's)")
+    return cfg

@@ -1,0 +1,105 @@
+"""The trainer's view of the data pipeline: which rows of the global batch this process loads.
+
+The global batch is cut into `num_shards` equal slices ("data shards"); shard s is what
+`phi3_jax.data.make_pipeline(..., process_index=s, process_count=num_shards)` yields. Each process loads
+the shards its devices hold under the batch sharding and concatenates them, so:
+
+- with one shard per process (the default), every process reads only its own documents;
+- the global batch depends only on (data config, seed, num_shards), never on the number of processes:
+  a run with `train.data_shards=2` sees the same batches on one process as on two (which is how the
+  multi-process test compares against a single-process run);
+- a process whose devices hold replicated rows (e.g. a mesh whose only split across processes is
+  `tensor`) loads the same shards as its peers.
+
+`DataFeed.get_state()` / `set_state()` hold every shard iterator's grain state (JSON bytes), which is what
+grain's Orbax CheckpointHandler stores per process.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from phi3_jax import sharding as shd
+from phi3_jax.data import make_pipeline
+
+
+def process_row_range(mesh, global_batch: int, seq_len: int) -> tuple[int, int]:
+    """[start, stop) rows of the global batch held by this process's devices (must be contiguous)."""
+    sharding = shd.batch_sharding(mesh, 2)
+    idx = sharding.addressable_devices_indices_map((global_batch, seq_len))
+    rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in idx.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start:
+        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}; "
+                         "order the mesh so that each process holds one block of the batch")
+    return start, stop
+
+
+def shard_ids(mesh, global_batch: int, seq_len: int, num_shards: int) -> list[int]:
+    """The data shards this process loads."""
+    if global_batch % num_shards:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the number of data shards "
+                         f"({num_shards})")
+    per = global_batch // num_shards
+    start, stop = process_row_range(mesh, global_batch, seq_len)
+    if start % per or stop % per:
+        raise ValueError(f"this process holds rows [{start}, {stop}) of the batch, which do not align with "
+                         f"{num_shards} data shards of {per} rows; set train.data_shards to a multiple of "
+                         f"{global_batch // (stop - start)}")
+    return list(range(start // per, stop // per))
+
+
+class DataFeed:
+    """Concatenated batches of this process's data shards; checkpointable."""
+
+    def __init__(self, data_cfg, tokenizer, seq_len: int, global_batch: int, seed: int, shards: Sequence[int],
+                 num_shards: int, split: str = "train"):
+        self.shards, self.num_shards = list(shards), int(num_shards)
+        self._iters = [make_pipeline(data_cfg, tokenizer, seq_len, global_batch, seed, process_index=s,
+                                     process_count=num_shards, split=split) for s in self.shards]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self._iters]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"num_shards": self.num_shards, "shards": self.shards,
+                           "states": [it.get_state() for it in self._iters]}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        d = json.loads(state.decode() if isinstance(state, bytes) else state)
+        if d.get("num_shards") != self.num_shards or d.get("shards") != self.shards:
+            raise ValueError(f"data iterator state is for shards {d.get('shards')} of {d.get('num_shards')}, "
+                             f"this run loads shards {self.shards} of {self.num_shards} (train.data_shards or "
+                             "the process count changed)")
+        for it, s in zip(self._iters, d["states"]):
+            it.set_state(s)
+
+    def start_prefetch(self) -> None:  # called by grain's CheckpointHandler after set_state
+        pass
+
+    @property
+    def phase_name(self) -> str | None:
+        return getattr(self._iters[0], "phase_name", None)
+
+
+def eval_batches(data_cfg, tokenizer, seq_len: int, global_batch: int, shards: Sequence[int], num_shards: int,
+                 max_batches: int) -> list[dict[str, np.ndarray]]:
+    """Up to `max_batches` held-out batches (this process's rows), the same ones at every evaluation."""
+    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval")
+    out = []
+    for _ in range(max_batches):
+        try:
+            out.append(next(feed))
+        except StopIteration:
+            break
+    return out

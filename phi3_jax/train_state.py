@@ -1,0 +1,193 @@
+"""Train state, its sharded creation, and the jitted train / eval steps.
+
+The state is a plain dict pytree (what Orbax saves and what shardings are computed for):
+
+    {"params": nested dict of float32 master weights (the model's nnx.Param state as a pure dict),
+     "opt_state": the optax state,
+     "step": int32 steps taken (applied or skipped),
+     "nonfinite_run": int32 consecutive steps skipped for a non-finite loss or gradient,
+     "skipped": int32 steps skipped in all}
+
+The model's graph definition is static (`nnx.split` once); the hot loop is a plain `jax.jit` of
+`train_step(state, batch)` with the state donated. Parameters are cast to the compute dtype inside the
+step (float32 master weights and optimizer state, bf16 matmuls), and gradient accumulation is a
+`lax.scan` over microbatches inside the same jit.
+
+Loss: masked next-token cross-entropy on packed batches, averaged over the loss-mask tokens of the whole
+global batch (every microbatch included), so grad_accum and the mesh shape do not change the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from phi3_jax import sharding as shd
+from phi3_jax.model.config import ModelConfig
+from phi3_jax.model.decoder import Decoder
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def split_model(model: Decoder):
+    """(graphdef, params as a pure dict). The model must hold nothing but parameters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree_util.tree_leaves(rest):
+        raise ValueError(f"model holds non-parameter state {rest}; the trainer expects parameters only")
+    return graphdef, params.to_pure_dict()
+
+
+def graphdef_of(cfg: ModelConfig):
+    from phi3_jax.model.decoder import abstract_model
+
+    return split_model(abstract_model(cfg))[0]
+
+
+def cast_floats(tree, dtype):
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------
+
+def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = None):
+    """(sum of masked token losses, number of loss tokens) for one (micro)batch."""
+    model = nnx.merge(graphdef, cast_floats(params, compute_dtype))
+    logits_BTV = model(batch["inputs"], positions_BT=batch.get("positions"),
+                       segment_ids_BT=batch.get("segment_ids"), impl=impl)
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch["targets"])
+    mask_BT = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(ce_BT)
+    return jnp.sum(ce_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...] with microbatch a = rows a, a + n, a + 2n, ... so that every device's
+    shard of the batch contributes equally to every microbatch (no resharding)."""
+    def split(x):
+        B = x.shape[0]
+        if B % n:
+            raise ValueError(f"batch of {B} rows is not divisible by grad_accum={n}")
+        return jnp.swapaxes(x.reshape(B // n, n, *x.shape[1:]), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    train_step: Callable  # (state, batch) -> (state, metrics); jitted, state donated
+    eval_step: Callable  # (params, batch) -> (loss_sum, count); jitted
+    init: Callable  # (seed) -> state; jitted with out_shardings
+    state_shardings: Any
+    batch_sharding: Any
+    abstract_state: Any
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
+                    impl: str | None = None):
+    """The pure train step: (state, batch) -> (state, metrics). Not jitted here."""
+
+    def grads_of(params, batch):
+        def f(p, mb):
+            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl)
+            return s, n
+
+        if grad_accum == 1:
+            (s, n), g = jax.value_and_grad(f, has_aux=True)(params, batch)
+            return s, n, g
+        mbs = _microbatches(batch, grad_accum)
+
+        def body(carry, mb):
+            s_acc, n_acc, g_acc = carry
+            (s, n), g = jax.value_and_grad(f, has_aux=True)(params, mb)
+            return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), mbs)
+        return s, n, g
+
+    def train_step(state, batch):
+        params = state["params"]
+        loss_sum, count, grads = grads_of(params, batch)
+        denom = jnp.maximum(count, 1.0)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Non-finite gradients would poison Adam's moments even where the update is discarded: zero them.
+        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+        updates, new_opt = tx.update(safe_grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "nonfinite_run": jnp.where(ok, 0, state["nonfinite_run"] + 1).astype(jnp.int32),
+            "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok,
+                   "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None):
+    def eval_step(params, batch):
+        return loss_sums(graphdef, params, batch, compute_dtype, impl)
+
+    return eval_step
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None):
+    """Fresh state; `params` (a pure dict) replaces the random init when given (fine-tuning)."""
+    from phi3_jax.model.decoder import init_model
+
+    if params is None:
+        _, params = split_model(init_model(cfg, seed))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+            "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)}
+
+
+def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
+          impl: str | None = None) -> StepFns:
+    """Jitted init / train / eval functions with the state's shardings on `mesh`.
+
+    The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
+    abstract state (`jax.eval_shape`), so each device creates only its shard.
+    """
+    graphdef = graphdef_of(cfg)
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0))
+    state_sh = shd.tree_shardings(mesh, abstract)
+    batch_sh = shd.batch_sharding(mesh, 2)
+
+    def init(seed: int):
+        return jax.jit(functools.partial(init_state, cfg, tx, int(seed)), out_shardings=state_sh)()
+
+    train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
+                         donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl),
+                        in_shardings=(state_sh["params"], batch_sh), out_shardings=shd.replicated(mesh))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)
+
+
+def state_from_params(fns: StepFns, tx: optax.GradientTransformation, params) -> dict:
+    """A fresh state (zero moments, step 0) around given parameters, placed with the state shardings."""
+    params = jax.device_put(params, fns.state_shardings["params"])
+    make = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0),
+                              "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)},
+                   out_shardings=fns.state_shardings, donate_argnums=(0,))
+    return make(params)

@@ -1,0 +1,97 @@
+"""phi3_jax.optim: schedules, AdamW equivalence, weight-decay / LR multipliers, clipping."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from phi3_jax import optim
+
+
+def _params():
+    k = jax.random.split(jax.random.key(0), 4)
+    return {
+        "embed_tokens": {"embedding": jax.random.normal(k[0], (16, 8))},
+        "layers": {"mlp": {"down_proj": {"kernel": jax.random.normal(k[1], (2, 8, 8))}},
+                   "input_layernorm": {"scale": jnp.ones((2, 8))},
+                   "self_attn": {"qkv_proj": {"bias": jnp.zeros((2, 24))}}},
+        "lm_head": {"kernel": jax.random.normal(k[2], (8, 16))},
+    }
+
+
+def _grads(params, i):
+    return jax.tree.map(lambda p: jnp.sin(p * (i + 1)) + 0.1 * (i + 1), params)
+
+
+def test_schedule_warmup_cosine_linear():
+    s = optim.make_schedule(1.0, steps=110, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+    assert float(s(110)) == pytest.approx(0.1, rel=1e-5)
+    lin = optim.make_schedule(1.0, steps=110, warmup_steps=10, schedule="linear", min_lr_ratio=0.0)
+    assert float(lin(60)) == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        optim.make_schedule(1.0, 10, 0, "exp")
+
+
+def test_plain_adamw_when_multipliers_are_one():
+    params = _params()
+    sched = optim.make_schedule(1e-2, 50, 5)
+    ours, _ = optim.make_optimizer(params, lr=1e-2, steps=50, warmup_steps=5, weight_decay=0.1, clip_norm=0,
+                                   wd_multipliers=[])  # decay everything, like optax.adamw without a mask
+    ref = optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    p1, p2 = params, params
+    s1, s2 = ours.init(p1), ref.init(p2)
+    for i in range(6):
+        g = _grads(params, i)
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, p2)
+
+
+def test_default_weight_decay_mask():
+    params = _params()
+    tree = optim.multiplier_tree(params, None, optim.DEFAULT_WD_RULES)
+    assert tree["embed_tokens"]["embedding"] == 0.0
+    assert tree["layers"]["input_layernorm"]["scale"] == 0.0
+    assert tree["layers"]["self_attn"]["qkv_proj"]["bias"] == 0.0
+    assert tree["layers"]["mlp"]["down_proj"]["kernel"] == 1.0
+    assert tree["lm_head"]["kernel"] == 1.0
+    # With zero gradients only decay moves a parameter: masked ones stay put.
+    tx, _ = optim.make_optimizer(params, lr=0.1, steps=10, weight_decay=0.5, clip_norm=0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(u["embed_tokens"]["embedding"]).max()) == 0.0
+    assert float(jnp.abs(u["layers"]["input_layernorm"]["scale"]).max()) == 0.0
+    np.testing.assert_allclose(u["lm_head"]["kernel"], -0.1 * 0.5 * params["lm_head"]["kernel"], rtol=1e-6)
+
+
+def test_lr_multipliers_scale_updates():
+    params = _params()
+    base, _ = optim.make_optimizer(params, lr=0.1, steps=10, weight_decay=0.1, clip_norm=0)
+    half, _ = optim.make_optimizer(params, lr=0.1, steps=10, weight_decay=0.1, clip_norm=0,
+                                   lr_multipliers=[(r"mlp/", 0.5)])
+    by_fn, _ = optim.make_optimizer(params, lr=0.1, steps=10, weight_decay=0.1, clip_norm=0,
+                                    lr_multipliers=lambda path: 0.5 if "mlp/" in path else 1.0)
+    g = _grads(params, 0)
+    ub, _ = base.update(g, base.init(params), params)
+    uh, _ = half.update(g, half.init(params), params)
+    uf, _ = by_fn.update(g, by_fn.init(params), params)
+    k = ("layers", "mlp", "down_proj", "kernel")
+    get = lambda t: t[k[0]][k[1]][k[2]][k[3]]  # noqa: E731
+    np.testing.assert_allclose(get(uh), 0.5 * get(ub), rtol=1e-6)
+    np.testing.assert_allclose(get(uf), get(uh), rtol=1e-6)
+    np.testing.assert_allclose(uh["lm_head"]["kernel"], ub["lm_head"]["kernel"], rtol=1e-6)
+
+
+def test_clipping_bounds_the_first_adam_step_input():
+    params = _params()
+    tx, _ = optim.make_optimizer(params, lr=1.0, steps=10, clip_norm=1.0)
+    big = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), params)
+    state = tx.init(params)
+    u, state = tx.update(big, state, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    assert int(optim.applied_count(state)) == 1

@@ -1,0 +1,110 @@
+"""User errors stop with one clear message, before anything is written or with the workdir left intact."""
+import ml_collections
+import numpy as np
+import pytest
+
+from train_helpers import load_config, losses, run_cli, snapshot
+
+from phi3_jax.checkpoint import CheckpointError
+from phi3_jax.data import DataError
+from phi3_jax.model.config import ConfigError
+from phi3_jax.train import TrainingError, run
+
+
+def _cfg(**train):
+    c = load_config("tiny", "test")
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def test_cli_unknown_field_and_wrong_type(tmp_path):
+    wd = tmp_path / "wd"
+    r = run_cli(wd, overrides={"train.stpes": 5})
+    assert r.returncode == 2 and "stpes" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_cli(wd, overrides={"train.steps": "many"})
+    assert r.returncode == 2 and "train.steps" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not wd.exists()
+
+
+def test_config_file_errors_name_the_field(tmp_path):
+    wd = tmp_path / "wd"
+    c = _cfg()
+    c.train.foo = 1
+    with pytest.raises(ConfigError, match=r"config\.train\.foo: unknown field"):
+        run(c, str(wd))
+    c = _cfg()
+    c.train = ml_collections.ConfigDict({**c.train.to_dict(), "lr": "fast"})
+    with pytest.raises(ConfigError, match=r"config\.train\.lr: expected float"):
+        run(c, str(wd))
+    c = _cfg()
+    c.model.hiden_size = 3
+    with pytest.raises(ConfigError, match=r"config\.model\.hiden_size"):
+        run(c, str(wd))
+    c = _cfg(grad_accum=3)
+    with pytest.raises(ConfigError, match="grad_accum"):
+        run(c, str(wd))
+    assert not wd.exists()
+
+
+def test_missing_data_path(tmp_path):
+    c = _cfg()
+    c.data.sources = [dict(c.data.sources[0], name="mine", kind="jsonl", path=str(tmp_path / "nope.jsonl"))]
+    with pytest.raises(DataError, match="nope.jsonl"):
+        run(c, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path):
+    c = _cfg()
+    c.model.vocab_size = 128  # the byte tokenizer has 320 ids
+    with pytest.raises(ConfigError, match="vocab_size=128 is smaller than the tokenizer"):
+        run(c, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def test_corrupt_and_foreign_checkpoints_leave_the_workdir_intact(tmp_path):
+    wd = tmp_path / "wd"
+    assert run(_cfg(steps=3), str(wd)).status == "done"
+    before = snapshot(wd)
+    # Foreign: a wider model in the same workdir.
+    c = _cfg(steps=5)
+    c.model.hidden_size = 96
+    with pytest.raises(CheckpointError, match="has shape"):
+        run(c, str(wd))
+    assert snapshot(wd) == before
+    # Corrupt: garbage in the stored arrays.
+    step = wd / "checkpoints" / "3"
+    chunks = [f for f in (step / "params").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert chunks
+    for f in chunks:
+        f.write_bytes(b"\0garbage" * 8)
+    before = snapshot(wd)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run(_cfg(steps=5), str(wd))
+    assert snapshot(wd) == before
+    # A step folder missing an item.
+    import shutil
+
+    shutil.rmtree(step / "train_state")
+    before = snapshot(wd)
+    with pytest.raises(CheckpointError, match="no 'train_state' item"):
+        run(_cfg(steps=5), str(wd))
+    assert snapshot(wd) == before
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
+    wd = tmp_path / "wd"
+    c = _cfg(steps=20, lr=1e30, warmup_steps=0, clip_norm=0.0, max_nonfinite_in_a_row=3, checkpoint_every=1,
+             keep_last=1)
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+        run(c, str(wd))
+    seen = losses(wd)
+    assert np.isfinite(seen[1]) and not np.isfinite(float(seen[max(seen)]))
+    # The checkpoint left behind is complete and its weights finite (skipped steps never touch them).
+    from phi3_jax.checkpoint import read_config, restore_params
+
+    params = restore_params(wd, read_config(wd))
+    import jax
+
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -1,0 +1,79 @@
+"""The jitted train step: gradient accumulation, skipped non-finite updates, bf16 compute, eval."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phi3_jax import optim
+from phi3_jax import sharding as shd
+from phi3_jax import train_state as ts
+from phi3_jax.model import abstract_model, get_preset
+
+CFG = get_preset("phi-3-tiny", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, intermediate_size=128, attention_impl="xla")
+
+
+def _batch(B=8, T=32, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 128, (B, T + 1)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2:] = 2  # two packed documents per row
+    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0).astype(np.int32)
+    mask = np.ones((B, T), np.float32)
+    mask[:, T // 2 - 1] = 0.0
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos, "loss_mask": mask}
+
+
+def _fns(grad_accum=1, compute_dtype="float32", mesh=None, lr=1e-2):
+    mesh = mesh or shd.make_mesh({"fsdp": -1})
+    params = ts.split_model(abstract_model(CFG))[1]
+    tx, _ = optim.make_optimizer(params, lr=lr, steps=100, warmup_steps=0, weight_decay=0.1)
+    return ts.build(CFG, tx, mesh, compute_dtype=compute_dtype, grad_accum=grad_accum), mesh
+
+
+def test_grad_accum_matches_full_batch():
+    (f1, mesh), (f4, _) = _fns(1), _fns(4)
+    s1, s4 = f1.init(0), f4.init(0)
+    for i in range(2):
+        b = shd.make_global_batch(mesh, _batch(seed=i), 8)
+        s1, m1 = f1.train_step(s1, b)
+        s4, m4 = f4.train_step(s4, b)
+        np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-4)
+    # Adam divides by sqrt(v): float summation-order noise in tiny gradients moves updates slightly.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), s1["params"], s4["params"])
+
+
+def test_poisoned_batch_is_skipped_and_counted():
+    f, mesh = _fns()
+    state = f.init(0)
+    good = shd.make_global_batch(mesh, _batch(), 8)
+    poisoned = _batch()
+    poisoned["loss_mask"][0, 0] = np.nan
+    bad = shd.make_global_batch(mesh, poisoned, 8)
+    state, m = f.train_step(state, good)
+    before = jax.tree.map(np.asarray, state)
+    state, m = f.train_step(state, bad)
+    assert not bool(m["finite"]) and int(m["nonfinite_run"]) == 1 and int(m["skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, before["params"], jax.tree.map(np.asarray, state["params"]))
+    jax.tree.map(np.testing.assert_array_equal, before["opt_state"], jax.tree.map(np.asarray, state["opt_state"]))
+    assert int(state["step"]) == 2
+    state, m = f.train_step(state, bad)
+    assert int(m["nonfinite_run"]) == 2
+    state, m = f.train_step(state, good)
+    assert bool(m["finite"]) and int(m["nonfinite_run"]) == 0 and int(m["skipped"]) == 2
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_loss_drops_and_bf16_compute_keeps_f32_master():
+    f, mesh = _fns(compute_dtype="bfloat16", lr=3e-3)
+    state = f.init(0)
+    b = shd.make_global_batch(mesh, _batch(), 8)
+    losses = []
+    for _ in range(8):
+        state, m = f.train_step(state, b)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert state["params"]["lm_head"]["kernel"].dtype == jnp.float32
+    s, n = f.eval_step(state["params"], b)
+    assert float(n) == float(np.sum(_batch()["loss_mask"]))
+    assert abs(float(s) / float(n) - losses[-1]) < 0.5

@@ -1,0 +1,35 @@
+"""The README command, shortened: configs/tiny.py learns well below the data's unigram entropy, the
+workdir loads with phi3_jax.load, and a sample is printed."""
+import json
+
+import numpy as np
+
+from train_helpers import load_config
+
+import phi3_jax
+from phi3_jax.train import run
+
+
+def test_tiny_config_learns(tmp_path, capsys):
+    c = load_config("tiny", "")
+    c.train.steps, c.train.warmup_steps, c.train.eval_every, c.train.eval_steps = 50, 10, 50, 2
+    c.train.progress = False
+    c.mesh.fsdp = 1  # one device, like the README run on a laptop (conftest simulates 8)
+    c.sample.max_new_tokens = 24
+    wd = tmp_path / "tiny"
+    res = run(c, str(wd))
+    losses = [res.losses[s] for s in sorted(res.losses)]
+    assert res.unigram_entropy is not None and 2.5 < res.unigram_entropy < 4.5
+    assert losses[-1] < 0.9 * res.unigram_entropy, (losses[-1], res.unigram_entropy)
+    assert res.eval_loss < res.unigram_entropy
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(logged[-1])
+    assert "mfu" not in logged[-1]  # CPU: peak unknown
+    assert any("eval_loss" in r for r in rows)
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    out = capsys.readouterr().out
+    assert "sample (prompt" in out and res.sample is not None
+    model = phi3_jax.load(wd)  # the training workdir reads as a model checkpoint
+    ids = np.array([[72, 105]], np.int32)
+    assert model(ids).shape == (1, 2, c.model.vocab_size)
