@@ -23,9 +23,13 @@ import numpy as np
 
 from phi3_jax.convert.hf_weights import CheckpointError
 from phi3_jax.model.config import ConfigError, ModelConfig
+from phi3_jax.model.params import flatten, unflatten  # noqa: F401  (re-exported)
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
+TRAIN_STATE_ITEM = "train_state"
+DATA_ITEM = "data"
+TRAIN_CONFIG_ITEM = "train_config"
 WORKDIR_CHECKPOINTS = "checkpoints"
 
 __all__ = ["CheckpointError", "Source", "resolve", "save_model", "read_config", "restore_params", "load_model",
@@ -35,26 +39,6 @@ __all__ = ["CheckpointError", "Source", "resolve", "save_model", "read_config", 
 # ----------------------------------------------------------------------------------------------------
 # Parameter pytrees
 # ----------------------------------------------------------------------------------------------------
-
-def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
 
 def abstract_params(cfg: ModelConfig, dtype: str | None = None, shardings=None) -> dict:
     """The parameter pytree of `cfg` as ShapeDtypeStructs, nothing allocated.
@@ -164,12 +148,21 @@ def resolve(path: str | os.PathLike) -> Source:
                           f"checkpoint (numbered step folders) nor a training workdir ({WORKDIR_CHECKPOINTS}/)")
 
 
+def _item_handlers() -> dict:
+    """Handlers of every item a step may hold (weights-only or training), so any reader knows them all."""
+    import orbax.checkpoint as ocp
+    from grain.checkpoint import CheckpointHandler as GrainHandler
+
+    return {PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+            TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: GrainHandler(),
+            TRAIN_CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+
+
 def _manager(directory: Path, create: bool = False):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=create),
-        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()})
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=create),
+                                 item_handlers=_item_handlers())
 
 
 def _require_item(src: Source, item: str) -> None:
@@ -299,9 +292,6 @@ def _first_line(e: BaseException) -> str:
 # Saves are asynchronous (arrays are copied off the device before `save` returns, files are written in
 # the background); keep-last-N plus keep-every-K (ocp.CheckpointManagerOptions max_to_keep / keep_period).
 
-TRAIN_STATE_ITEM = "train_state"
-DATA_ITEM = "data"
-TRAIN_CONFIG_ITEM = "train_config"
 
 
 class _DataState:
@@ -323,15 +313,11 @@ class TrainCheckpointer:
     def __init__(self, workdir: str | os.PathLike, *, keep_last: int = 2, keep_every: int = 0,
                  async_save: bool = True):
         import orbax.checkpoint as ocp
-        from grain.checkpoint import CheckpointHandler as GrainHandler
 
         self.directory = Path(workdir).absolute() / WORKDIR_CHECKPOINTS
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None, create=True,
                                                enable_async_checkpointing=async_save)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-            TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: GrainHandler(),
-            TRAIN_CONFIG_ITEM: ocp.JsonCheckpointHandler()})
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
     def latest_step(self) -> int | None:
         steps = _steps(self.directory)
