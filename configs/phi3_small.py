@@ -11,7 +11,7 @@ attn_scale_multiplier 1 (scores scaled by 1/head_dim), logit_divisor = the muP w
 others with 16-token blocks, 2 local blocks and vertical stride 4, so at seq_len 256 a sparse layer sees
 32 local tokens plus every fourth block before them.
 """
-from phi3_jax.train_config import default_config, model_section
+from phi3_jax.train_config import default_config, model_section, pretrain_run, textbook_cpu_run
 
 TINY_BASE_WIDTH = 128
 TINY = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32, intermediate_size=512,
@@ -26,28 +26,10 @@ def get_config(arg: str = ""):
     c = default_config()
     if arg in ("tiny", "runlocal"):
         c.model = model_section("phi-3-small-8k", **TINY)
-        d = c.data
-        d.sources = [dict(d.sources[0], name="textbook", kind="textbook", weight=1.0)]
-        d.phases = [dict(name="pretrain", tokens=0, weights={})]
-        d.eval_fraction, d.eval_max_docs = 0.001, 64
-        t = c.train
-        t.steps, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 200, 16, 256, 3e-3, 20
-        t.log_every, t.eval_every, t.eval_steps, t.checkpoint_every = 10, 100, 4, 100
-        c.precision.compute_dtype = "float32"
-        c.sample.prompt = "Exercise 1: What is 12 + 7?\nSolution:"
-        return c
+        return textbook_cpu_run(c)
     if arg:
         raise ValueError(f"configs/phi3_small.py: unknown ARG {arg!r} (use '', 'tiny' or 'runlocal')")
     c.model = model_section("phi-3-small-8k", remat="full")
     c.data.tokenizer.kind = "tiktoken"  # set data.tokenizer.path to the cl100k_base ranks file
     c.data.tokenizer.preset = "phi3-small"
-    t = c.train
-    t.steps, t.batch_size, t.seq_len = 100_000, 512, 8192
-    t.lr, t.warmup_steps, t.min_lr_ratio, t.schedule = 3e-4, 2000, 0.1, "cosine"
-    t.weight_decay, t.b1, t.b2, t.clip_norm = 0.1, 0.9, 0.95, 1.0
-    t.log_every, t.eval_every, t.eval_steps = 10, 1000, 20
-    t.checkpoint_every, t.keep_last, t.keep_every = 1000, 2, 10_000
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.precision.param_dtype, c.precision.compute_dtype = "float32", "bfloat16"
-    c.sample.prompt = "<|user|>\nWhat is 12 + 7?<|end|>\n<|assistant|>\n"
-    return c
+    return pretrain_run(c, batch_size=512, seq_len=8192, lr=3e-4)

@@ -8,7 +8,7 @@ the data's unigram entropy (printed at the start), then prints a greedy sample.
 
 ARG: "" (default) or "test" (a few steps, small, no eval/sample: for smoke tests).
 """
-from phi3_jax.train_config import default_config, model_section
+from phi3_jax.train_config import default_config, model_section, textbook_cpu_run
 
 
 def get_config(arg: str = ""):
@@ -17,27 +17,7 @@ def get_config(arg: str = ""):
                             num_kv_heads=4, head_dim=32, intermediate_size=768, max_position_embeddings=4096,
                             original_max_position_embeddings=4096, bos_token_id=256, eos_token_id=256,
                             pad_token_id=261, attention_impl="xla")
-    d = c.data
-    d.sources = [dict(d.sources[0], name="textbook", kind="textbook", weight=1.0)]
-    d.phases = [dict(name="pretrain", tokens=0, weights={})]
-    d.eval_fraction = 0.001
-    d.eval_max_docs = 64
-    t = c.train
-    t.steps = 300
-    t.batch_size = 8
-    t.seq_len = 256
-    t.lr = 3e-3
-    t.warmup_steps = 30
-    t.schedule = "cosine"
-    t.min_lr_ratio = 0.1
-    t.weight_decay = 0.1
-    t.log_every = 10
-    t.eval_every = 100
-    t.eval_steps = 4
-    t.checkpoint_every = 100
-    t.keep_last = 2
-    c.precision.compute_dtype = "float32"  # bf16 matmuls are slow on most CPUs
-    c.sample.prompt = "Exercise 1: What is 12 + 7?\nSolution:"
+    textbook_cpu_run(c, steps=300, batch_size=8)
     c.sample.max_new_tokens = 160
     if arg == "test":
         c.model.hidden_size = 64
@@ -46,6 +26,7 @@ def get_config(arg: str = ""):
         c.model.num_kv_heads = 2
         c.model.head_dim = 16
         c.model.intermediate_size = 128
+        t = c.train
         t.steps, t.batch_size, t.seq_len = 6, 8, 64
         t.warmup_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 0, 0
         t.tensorboard = t.progress = False

@@ -97,6 +97,38 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def textbook_cpu_run(c: ml_collections.ConfigDict, *, steps: int = 200, batch_size: int = 16,
+                     lr: float = 3e-3) -> ml_collections.ConfigDict:
+    """The CPU variant every config file offers: generated textbook lessons, byte tokenizer, 256-token
+    rows, float32 compute (bf16 matmuls are slow on most CPUs), a sample prompt in the lessons' format."""
+    d = c.data
+    d.sources = [dict(d.sources[0], name="textbook", kind="textbook", weight=1.0)]
+    d.phases = [dict(name="pretrain", tokens=0, weights={})]
+    d.eval_fraction, d.eval_max_docs = 0.001, 64
+    t = c.train
+    t.steps, t.batch_size, t.seq_len, t.lr, t.warmup_steps = steps, batch_size, 256, lr, max(1, steps // 10)
+    t.log_every, t.eval_every, t.eval_steps, t.checkpoint_every = 10, 100, 4, 100
+    c.precision.compute_dtype = "float32"
+    c.sample.prompt = "Exercise 1: What is 12 + 7?\nSolution:"
+    return c
+
+
+def pretrain_run(c: ml_collections.ConfigDict, *, batch_size: int, seq_len: int, lr: float,
+                 checkpoint_every: int = 1000) -> ml_collections.ConfigDict:
+    """Full-size pretraining shared by the released-variant configs: AdamW (0.9, 0.95), cosine decay to
+    10%, FSDP over every device, bf16 compute over float32 master weights, a chat-format sample."""
+    t = c.train
+    t.steps, t.batch_size, t.seq_len = 100_000, batch_size, seq_len
+    t.lr, t.warmup_steps, t.min_lr_ratio, t.schedule = lr, 2000, 0.1, "cosine"
+    t.weight_decay, t.b1, t.b2, t.clip_norm = 0.1, 0.9, 0.95, 1.0
+    t.log_every, t.eval_every, t.eval_steps = 10, 1000, 20
+    t.checkpoint_every, t.keep_last, t.keep_every = checkpoint_every, 2, 10_000
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.precision.param_dtype, c.precision.compute_dtype = "float32", "bfloat16"
+    c.sample.prompt = "<|user|>\nWhat is 12 + 7?<|end|>\n<|assistant|>\n"
+    return c
+
+
 def default_config() -> ml_collections.ConfigDict:
     from phi3_jax.data.config import default_data_config
 
