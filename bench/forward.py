@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_entry, command_line, cpu_name, print_result, run_frameworks, time_calls  # noqa: E402
 
 WIDTH = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96, intermediate_size=8192)
 
@@ -40,21 +38,6 @@ def _dtype(args) -> str:
     return "bfloat16" if args.device == "gpu" else "float32"
 
 
-def _time(fn, iters: int, warmup: int) -> tuple[float, float]:
-    """(first call seconds incl. compilation, median seconds of the timed calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def bench_jax(args) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
     import jax
@@ -70,7 +53,7 @@ def bench_jax(args) -> dict:
     graphdef, state = nnx.split(init_model(cfg))
     forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
     ids_BT = jax.device_put(np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq), np.int32))
-    first, median = _time(lambda: forward(state, ids_BT).block_until_ready(), args.iters, args.warmup)
+    first, median = time_calls(lambda: forward(state, ids_BT).block_until_ready(), args.iters, args.warmup)
     return dict(framework="phi3_jax", version=jax.__version__, backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), first_s=first, median_s=median,
                 tokens_per_s=args.batch * args.seq / median, params=cfg.param_count())
@@ -98,22 +81,11 @@ def bench_torch(args) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    first, median = _time(run, args.iters, args.warmup)
+    first, median = time_calls(run, args.iters, args.warmup)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     return dict(framework="transformers", version=f"{transformers.__version__} (torch {torch.__version__})",
                 backend=dev, device=name, threads=torch.get_num_threads(), first_s=first, median_s=median,
                 tokens_per_s=args.batch * args.seq / median, params=sum(p.numel() for p in model.parameters()))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
@@ -142,30 +114,17 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.only:
-        result = bench_jax(args) if args.only == "jax" else bench_torch(args)
-        print("RESULT " + json.dumps(result))
+        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
     passthrough = ["--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--layers", str(args.layers), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     load = os.getloadavg()[0]
-    results = {}
-    for fw in ("jax", "torch"):  # one process each: no shared thread pools, memory freed in between
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", fw, *passthrough],
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stderr[-3000:])
-            print(f"error: the {fw} benchmark failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
-        results[fw] = json.loads(lines[-1][len("RESULT "):])
-        r = results[fw]
-        print(f"{r['framework']:13s} {r['backend']:4s} first {r['first_s']:7.2f}s  median {r['median_s']:.4f}s  "
-              f"{r['tokens_per_s']:10.1f} tokens/s")
-    print(f"ratio phi3_jax / transformers: {results['jax']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
+    results = run_frameworks(__file__, passthrough)
+    if results is None:
+        return 1
     if args.append:
-        command = "python bench/forward.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.append, "a") as f:
-            f.write("\n" + markdown(args, results["jax"], results["torch"], command.strip(), load))
+        append_entry(args.append, markdown(args, results["jax"], results["torch"],
+                                           command_line("bench/forward.py", argv), load))
     return 0
 
 

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forward import cpu_name  # noqa: E402  (bench/forward.py)
+from common import append_entry, command_line, cpu_name, print_result, run_frameworks, time_calls  # noqa: E402
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
                  intermediate_size=8192, num_layers=4, seq=4096, batch=4)
@@ -64,20 +60,6 @@ def model_config(s: dict, dtype: str, device: str):
                        attention_impl="auto" if device == "gpu" else "xla")
 
 
-def _times(step, steps: int, warmup: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def bench_jax(args) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
     import jax
@@ -108,7 +90,7 @@ def bench_jax(args) -> dict:
         holder["state"], m = fns.train_step(holder["state"], batch)
         jax.block_until_ready(m["loss"])
 
-    first, median = _times(step, args.steps, args.warmup)
+    first, median = time_calls(step, args.steps, args.warmup)
     tps = B * T / median
     peak = peak_flops(jax.devices()[0])
     flops = cfg.flops_per_token(T)
@@ -150,7 +132,7 @@ def bench_torch(args) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    first, median = _times(step, args.steps, args.warmup)
+    first, median = time_calls(step, args.steps, args.warmup)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     return dict(framework="transformers", version=f"{transformers.__version__} (torch {torch.__version__})",
                 backend=dev, device=name, threads=torch.get_num_threads(), first_s=first, median_s=median,
@@ -186,35 +168,28 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
     ])
 
 
+def _line(r: dict) -> str:
+    mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    return (f"{r['framework']:13s} {r['backend']:4s} first {r['first_s']:7.2f}s  median step {r['median_s']:.4f}s  "
+            f"{r['tokens_per_s']:10.1f} tokens/s{mfu}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.only:
-        result = bench_jax(args) if args.only == "jax" else bench_torch(args)
-        print("RESULT " + json.dumps(result))
+        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
     passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--layers", args.layers)):
         if v:
             passthrough += [flag, str(v)]
     load = os.getloadavg()[0]
-    results = {}
-    for fw in ("jax", "torch"):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", fw, *passthrough],
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.stderr.write(proc.stderr[-3000:])
-            print(f"error: the {fw} benchmark failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
-        results[fw] = r = json.loads(lines[-1][len("RESULT "):])
-        mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
-        print(f"{r['framework']:13s} {r['backend']:4s} first {r['first_s']:7.2f}s  median step {r['median_s']:.4f}s  "
-              f"{r['tokens_per_s']:10.1f} tokens/s{mfu}")
-    print(f"ratio phi3_jax / transformers: {results['jax']['tokens_per_s'] / results['torch']['tokens_per_s']:.2f}x")
+    results = run_frameworks(__file__, passthrough, describe=_line)
+    if results is None:
+        return 1
     if args.append:
-        command = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.append, "a") as f:
-            f.write("\n" + markdown(args, results["jax"], results["torch"], command.strip(), load))
+        append_entry(args.append, markdown(args, results["jax"], results["torch"],
+                                           command_line("bench/train_step.py", argv), load))
     return 0
 
 
