@@ -17,8 +17,9 @@ from safetensors.numpy import load_file, save_file
 import phi3_jax
 from phi3_jax.convert import hf as hf_io
 
-_ROOTS = [os.environ.get("PHI3_FIXTURES", ""), Path(__file__).resolve().parents[1] / "shared" / "fixtures",
-          "/work/shared/fixtures"]
+# The fixtures live in shared/ beside the checkout (../shared/fixtures), or where PHI3_FIXTURES points.
+_REPO = Path(__file__).resolve().parents[1]
+_ROOTS = [os.environ.get("PHI3_FIXTURES", ""), _REPO.parent / "shared" / "fixtures", _REPO / "shared" / "fixtures"]
 FIXTURES = next((Path(r) / "phi3small" for r in _ROOTS if r and (Path(r) / "phi3small").is_dir()),
                 Path("shared/fixtures/phi3small"))
 # README bound: max|d| / max|logits| < 1e-3. Reached: 5.7e-6 and 7.4e-5 (the fixture itself is 5.3e-6 and
