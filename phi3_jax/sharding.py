@@ -10,6 +10,18 @@ more mesh axes of the mesh (data, fsdp, tensor, expert):
 - tensor: Megatron-style tensor parallelism over heads / mlp / vocab.
 - expert: expert parallelism for MoE blocks (size 1 for dense models); also a data axis for activations.
 
+Activations use their own logical names (activation_batch, activation_seq, activation_embed, activation_heads,
+activation_kv_heads, activation_head_dim, activation_mlp, activation_vocab; the maxtext convention): the batch
+of every activation is split over all the data-like mesh axes, fsdp included, while parameters use fsdp for
+their `embed` dimension. Layers call `constrain(x, logical_axes)` at a few places (residual stream, q/k/v,
+MLP hidden, logits); it applies `jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)`
+context (set at trace time by the jitted train / eval steps, or by whoever lowers a step ahead of time) and
+is a no-op otherwise, so the model runs unchanged on one device, in tests, in conversion and under plain jit.
+Without these constraints XLA's SPMD partitioner propagates the parameters' fsdp sharding into the residual
+stream inside the layer scan and then has to replicate whole activations to undo it ("Involuntary full
+rematerialization"). For the same reason the embedding lookup reads a table all-gathered over `embed`
+(GATHERED_VD), as FSDP gathers every other weight before its matmul.
+
 Parameters are stacked over a leading "layers" axis (the decoder scans over depth); `param_logical_axes`
 assigns logical axes by parameter-path pattern, so any pytree whose leaf paths end in a parameter path
 (the parameters themselves, AdamW's mu and nu) gets the same sharding. A dimension that the mesh axes do
@@ -20,11 +32,14 @@ then feeds its own rows of the global batch (`make_global_batch`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import math
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -48,7 +63,28 @@ LOGICAL_RULES: dict[str, Any] = {
     "layers": None,
     "expert": "expert",
     "norm": None,  # vectors of size hidden_size (norm scales, output biases): small, replicated
+    # Activations. Rows over every data-like axis (fsdp is data parallelism with sharded parameters, and
+    # expert is a data axis outside MoE blocks), like `batch`; the residual stream's hidden dimension is
+    # replicated (fsdp already splits the rows; Megatron tensor parallelism keeps the residual whole and
+    # splits heads / mlp / vocab). Sequence parallelism would map activation_seq to a mesh axis.
+    "activation_batch": ("data", "fsdp", "expert"),
+    "activation_seq": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_head_dim": None,
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
 }
+
+# Logical axes of the activations the model constrains (shape suffixes as in the layer bodies).
+ACT_BTD = ("activation_batch", "activation_seq", "activation_embed")  # residual stream
+ACT_BTH = ("activation_batch", "activation_seq", "activation_head_dim")  # RoPE tables
+ACT_BTNH = ("activation_batch", "activation_seq", "activation_heads", "activation_head_dim")  # q, attention out
+ACT_BTKH = ("activation_batch", "activation_seq", "activation_kv_heads", "activation_head_dim")  # k, v
+ACT_BTI = ("activation_batch", "activation_seq", "activation_mlp")  # MLP hidden
+ACT_BTV = ("activation_batch", "activation_seq", "activation_vocab")  # logits
+GATHERED_VD = ("vocab", None)  # the embedding table gathered over `embed` (fsdp) for the lookup
 
 # Parameter path pattern (searched in "/".join(path)) -> logical axes of the *unstacked* parameter.
 # A parameter under "layers/" carries one more leading dimension, the "layers" axis. First match wins.
@@ -99,16 +135,19 @@ def param_logical_axes(path, ndim: int) -> tuple[str | None, ...] | None:
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> P:
-    """PartitionSpec for logical axes; with shape and mesh, dimensions the mesh does not divide replicate."""
+                    mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None) -> P:
+    """PartitionSpec for logical axes; with shape and mesh, dimensions the mesh does not divide replicate.
+
+    `rules` defaults to LOGICAL_RULES (the table); a mesh axis is used by at most one dimension."""
+    rules = LOGICAL_RULES if rules is None else rules
     out, used = [], set()
     for i, name in enumerate(axes):
         if name is None:
             out.append(None)
             continue
-        if name not in LOGICAL_RULES:
-            raise ShardingError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}")
-        mesh_axes = LOGICAL_RULES[name]
+        if name not in rules:
+            raise ShardingError(f"unknown logical axis {name!r}; known: {sorted(rules)}")
+        mesh_axes = rules[name]
         mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         mesh_axes = tuple(a for a in mesh_axes if a not in used)
         if mesh is not None:
@@ -139,6 +178,65 @@ def tree_shardings(mesh: Mesh, abstract_tree):
         return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation sharding constraints
+# ----------------------------------------------------------------------------------------------------
+
+# (mesh, rules) while an `activation_sharding` context is active, else None. Read at trace time.
+_ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Mapping[str, Any]] | None] = contextvars.ContextVar(
+    "phi3_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Mapping[str, Any] | None = None):
+    """Within this context `constrain` pins activations to the shardings the table gives on `mesh`.
+
+    `rules` overrides entries of LOGICAL_RULES for the activations (e.g. {"activation_seq": "tensor"}).
+    The context matters while a function is *traced*: enter it around `jax.jit(f).lower(...)` or the first
+    call, or wrap the function before jitting (`with_activation_sharding`), which is what the train and eval
+    steps do. jit's trace cache does not know about the context, so do not trace one jitted function both
+    inside and outside it. `mesh=None` switches the constraints off inside an outer context.
+    """
+    value = None if mesh is None else (mesh, {**LOGICAL_RULES, **(rules or {})})
+    token = _ACTIVATION_CONTEXT.set(value)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.reset(token)
+
+
+def with_activation_sharding(fn: Callable, mesh: Mesh | None, rules: Mapping[str, Any] | None = None) -> Callable:
+    """`fn` running inside `activation_sharding(mesh, rules)`: jit the result, and every trace has the context."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """`x` with a sharding constraint from its logical axes inside `activation_sharding`; else `x` itself.
+
+    Dimensions the mesh axes do not divide are replicated (as for parameters). A mesh of one device, or no
+    context, leaves `x` untouched, so the model traces exactly as before outside training.
+    """
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if len(logical_axes) != x.ndim:
+        raise ShardingError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for an array of "
+                            f"shape {x.shape}")
+    if mesh.size == 1:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -94,8 +94,11 @@ class StepFns:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
-                    impl: str | None = None):
-    """The pure train step: (state, batch) -> (state, metrics). Not jitted here."""
+                    impl: str | None = None, mesh=None):
+    """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
+
+    With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
+    sharding constraints of the logical-axis table (see `sharding.constrain`)."""
 
     def grads_of(params, batch):
         def f(p, mb):
@@ -140,14 +143,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
                    "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
         return new_state, metrics
 
-    return train_step
+    return shd.with_activation_sharding(train_step, mesh)
 
 
-def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None):
+def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None):
+    """(params, batch) -> (loss_sum, count); with `mesh`, activation constraints as in `make_train_step`."""
     def eval_step(params, batch):
         return loss_sums(graphdef, params, batch, compute_dtype, impl)
 
-    return eval_step
+    return shd.with_activation_sharding(eval_step, mesh)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None):
@@ -165,7 +169,9 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
-    abstract state (`jax.eval_shape`), so each device creates only its shard.
+    abstract state (`jax.eval_shape`), so each device creates only its shard. The train and eval steps trace
+    inside `shd.activation_sharding(mesh)`, so `fns.train_step.lower(...)` (ahead-of-time compilation)
+    carries the activation constraints too.
     """
     graphdef = graphdef_of(cfg)
     abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0))
@@ -175,10 +181,11 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
     def init(seed: int):
         return jax.jit(functools.partial(init_state, cfg, tx, int(seed)), out_shardings=state_sh)()
 
-    train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl),
+    train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
+                                         mesh=mesh),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl),
+    eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh),
                         in_shardings=(state_sh["params"], batch_sh), out_shardings=shd.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phi3_jax import sharding as shd
 from phi3_jax.checkpoint import abstract_params
@@ -68,3 +68,82 @@ def test_state_is_created_sharded():
     assert k.addressable_shards[0].data.shape == (cfg.num_layers, cfg.hidden_size // 8, 2 * cfg.intermediate_size)
     mu = state["opt_state"][0].mu["layers"]["mlp"]["gate_up_proj"]["kernel"]
     assert mu.sharding.spec == P(None, "fsdp", None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activation sharding constraints
+# ----------------------------------------------------------------------------------------------------
+
+def _jaxpr_primitives(fn, *args) -> set[str]:
+    return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def test_constrain_is_a_noop_without_the_context():
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 4, 16))
+    assert shd.constrain(x, shd.ACT_BTD) is x
+    assert "sharding_constraint" not in _jaxpr_primitives(lambda a: shd.constrain(a, shd.ACT_BTD), x)
+    # A one-device mesh and mesh=None inside an outer context are no-ops too.
+    with shd.activation_sharding(shd.make_mesh({"data": 1})):
+        assert shd.constrain(x, shd.ACT_BTD) is x
+    with shd.activation_sharding(shd.make_mesh({"fsdp": 8})), shd.activation_sharding(None):
+        assert shd.constrain(x, shd.ACT_BTD) is x
+    # The model traces without constraints outside the context (one device, conversion, plain jit).
+    from phi3_jax.model import init_model
+
+    model = init_model(get_preset("phi-3-tiny"))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    assert "sharding_constraint" not in str(jax.make_jaxpr(lambda i: model(i))(ids))
+
+
+def test_constrain_uses_the_table_inside_the_context():
+    import jax.numpy as jnp
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cases = [(shd.ACT_BTD, (8, 4, 16), P(("data", "fsdp"), None, None)),
+             (shd.ACT_BTNH, (8, 4, 4, 16), P(("data", "fsdp"), None, "tensor", None)),
+             (shd.ACT_BTI, (8, 4, 32), P(("data", "fsdp"), None, "tensor")),
+             (shd.ACT_BTV, (8, 4, 320), P(("data", "fsdp"), None, "tensor")),
+             (shd.ACT_BTKH, (8, 4, 3, 16), P(("data", "fsdp"), None, None, None))]  # 3 kv heads: replicated
+    for axes, shape, spec in cases:
+        f = jax.jit(shd.with_activation_sharding(lambda a, axes=axes: shd.constrain(a * 2, axes), mesh))
+        out = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().output_shardings
+        assert out.is_equivalent_to(NamedSharding(mesh, spec), len(shape)), (axes, out)
+    # Rules override entries of the table (here: sequence parallelism over tensor).
+    with shd.activation_sharding(mesh, {"activation_seq": "tensor"}):
+        f = jax.jit(lambda a: shd.constrain(a * 2, shd.ACT_BTD))
+        out = f.lower(jax.ShapeDtypeStruct((8, 4, 16), jnp.float32)).compile().output_shardings
+        assert out.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor", None)), 3), out
+    with shd.activation_sharding(mesh), pytest.raises(shd.ShardingError, match="logical axes"):
+        shd.constrain(jnp.ones((8, 4)), shd.ACT_BTD)
+
+
+def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
+    """fsdp=8: activations are split by rows ([B/8, T, D] per device), never by the hidden dimension that the
+    parameters' fsdp sharding would propagate into them, and never whole."""
+    import dataclasses
+    import re
+
+    import jax.numpy as jnp
+    import optax
+
+    from phi3_jax import train_state as ts
+
+    mesh = shd.make_mesh({"fsdp": 8})
+    B, T, D = 16, 24, 64
+    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=16, intermediate_size=96, attention_impl="xla")
+    fns = ts.build(cfg, optax.adamw(1e-3), mesh)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=fns.batch_sharding) for k in ts.BATCH_KEYS}
+    lowered = fns.train_step.lower(fns.abstract_state, batch)
+    assert "sharding_constraint" in lowered.as_text()
+    hlo = lowered.compile().as_text()
+    shapes = re.findall(r"f32\[(\d+),(\d+),(\d+)\]", hlo)
+    assert (str(B // 8), str(T), str(D)) in shapes  # the residual stream, per device
+    assert (str(B), str(T), str(D)) not in shapes  # never whole
+    assert (str(B), str(T), str(D // 8)) not in shapes  # never split over its hidden dimension
+    # The layer scans (forward and backward) carry the residual stream (its gradient) as per-device rows.
+    loops = [line for line in hlo.splitlines() if " while(" in line]
+    assert len(loops) == 2 and all(f"(s32[], f32[{B // 8},{T},{D}]" in line for line in loops), loops

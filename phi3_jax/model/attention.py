@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax import sharding as shd
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import Linear, apply_rope
 from phi3_jax.ops import Mask, attention
@@ -44,10 +45,12 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto"):
         cfg = self.cfg
         q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
-        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        q_BTNH = shd.constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), shd.ACT_BTNH)
+        k_BTKH = shd.constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), shd.ACT_BTKH)
+        v_BTKH = shd.constrain(v_BTKH, shd.ACT_BTKH)
         mask = Mask(q_segment_ids=segment_ids_BT, causal=True,
                     window=None if layout is not None else window_bound(cfg), layout=layout)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
+        o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
         B, T = x_BTD.shape[:2]
         return self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax import sharding as shd
 from phi3_jax.model.attention import Attention
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dtype_of, rope_tables
@@ -26,9 +27,13 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl):
+        # Residual stream pinned at the sublayer boundaries (no-op outside shd.activation_sharding).
+        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH,
                                        segment_ids_BT=segment_ids_BT, layout=layout, impl=impl)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        return shd.constrain(x_BTD, shd.ACT_BTD)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -81,17 +86,20 @@ class Decoder(nnx.Module):
         impl = impl or cfg.attention_impl
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD = self.embed_tokens(input_ids_BT)
+        # The embedding gather would otherwise hand the table's fsdp-sharded hidden dimension to the
+        # residual stream; constrain() pins every activation's rows to the batch axes instead.
+        x_BTD = shd.constrain(self.embed_tokens(input_ids_BT), shd.ACT_BTD)
         if cfg.embedding_multiplier != 1.0:
             x_BTD = x_BTD * jnp.asarray(cfg.embedding_multiplier, x_BTD.dtype)
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT, dtype_of(cfg.dtype))
+        cos_BTH, sin_BTH = shd.constrain(cos_BTH, shd.ACT_BTH), shd.constrain(sin_BTH, shd.ACT_BTH)
         x_BTD = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl)
-        x_BTD = self.norm(x_BTD)
+        x_BTD = shd.constrain(self.norm(x_BTD), shd.ACT_BTD)
         if self.lm_head is None:
             logits_BTV = self.embed_tokens.attend(x_BTD)
         else:
             logits_BTV = self.lm_head(x_BTD)
-        logits_BTV = logits_BTV.astype(jnp.float32)
+        logits_BTV = shd.constrain(logits_BTV.astype(jnp.float32), shd.ACT_BTV)
         if cfg.logit_divisor != 1.0:
             logits_BTV = logits_BTV / cfg.logit_divisor
         if cfg.dummy_token_ids:

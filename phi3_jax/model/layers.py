@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax import sharding as shd
 from phi3_jax.model.config import ConfigError, ModelConfig
 
 
@@ -41,7 +42,11 @@ class Embed(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, ids_BT):
-        return jnp.take(self.embedding[...], ids_BT, axis=0).astype(self.dtype)
+        # FSDP: the table is all-gathered over its `embed` dimension before the lookup, as every other weight
+        # is before its matmul; gathering rows from the embed-sharded table would leave the activations
+        # split by hidden dimension and force XLA to replicate them to re-split them by rows.
+        table_VD = shd.constrain(self.embedding[...], shd.GATHERED_VD)
+        return jnp.take(table_VD, ids_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
         """Logits against the (tied) embedding matrix."""
@@ -129,4 +134,4 @@ class MLP(nnx.Module):
             g_BTI = jnp.where(jnp.isinf(g_BTI), g_BTI, jnp.minimum(g_BTI, self.limit))
             l_BTI = jnp.where(jnp.isinf(l_BTI), l_BTI, jnp.clip(l_BTI, -self.limit, self.limit))
             h_BTI = g_BTI * jax.nn.sigmoid(1.702 * g_BTI) * (l_BTI + 1)
-        return self.down_proj(h_BTI)
+        return self.down_proj(shd.constrain(h_BTI, shd.ACT_BTI))
