@@ -310,7 +310,7 @@ def _define_flags():
     return flags.FLAGS
 
 
-def _parse(argv):
+def parse_flags(argv):
     """absl parsing with one clear line for unknown config fields or bad values (no traceback)."""
     from absl import flags
 
@@ -321,9 +321,13 @@ def _parse(argv):
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = next((a for a in argv[1:] if a.startswith("--config.")), "")
-        name = str(e).strip("'\"")
-        sys.stderr.write(f"error: config field {name!r} in {bad.split('=')[0] or 'the command line'}: unknown field "
-                         f"or bad value ({type(e).__name__}: {e})\n")
+        # ml_collections puts the field and a suggestion in args[0], quoted; show them as plain text.
+        why = " ".join(str(e.args[0] if e.args else e).replace("\\n", "\n").split("\n")).replace("\\'", "'")
+        why = why.strip()
+        if len(why) > 1 and why[0] == why[-1] == "'":
+            why = why[1:-1]
+        sys.stderr.write(f"error: {bad.split('=')[0] or 'the command line'}: unknown config field or bad value: "
+                         f"{why}\n")
         sys.exit(2)
 
 
@@ -367,7 +371,7 @@ def cli() -> None:
     _define_flags_once()
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
