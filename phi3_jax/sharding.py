@@ -239,6 +239,23 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_parallel(fn: Callable, *arrays):
+    """fn(*arrays), run per batch shard under `shard_map` inside `activation_sharding` on several devices.
+
+    For kernels XLA cannot partition (Pallas / Mosaic custom calls): every array is split over the
+    activation batch axes on its leading dimension and replicated otherwise, so each device runs the kernel
+    on its own rows. Outside the context, or on one device, it is a plain call.
+    """
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None or ctx[0].size == 1:
+        return fn(*arrays)
+    mesh, rules = ctx
+    axes = rules["activation_batch"]
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
+    specs = tuple(P(axes, *([None] * (a.ndim - 1))) for a in arrays)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows over the batch mesh axes; the other dimensions replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + ("seq",) * (ndim - 1), None, mesh))

@@ -146,8 +146,16 @@ def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
 
     if mask.window is not None or not mask.causal:
         raise ValueError("attention: block-sparse kernels are causal and take no window")
+    from phi3_jax.sharding import batch_parallel
+
     platform = jax.default_backend()
     backend = "gpu" if platform == "gpu" else "tpu"
-    return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
-                                 segment_ids=mask.q_segment_ids, backend=backend,
-                                 interpret=platform not in ("gpu", "tpu"))
+
+    def kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
+        return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
+                                     segment_ids=segment_ids_BT, backend=backend,
+                                     interpret=platform not in ("gpu", "tpu"))
+
+    # Mosaic kernels cannot be partitioned by XLA: on a mesh each device runs the kernel on its own rows.
+    segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
+    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments)
