@@ -154,12 +154,12 @@ def test_lowers_for_cuda_at_phi3_small_geometry(fuse_dq, segments):
 
 def test_rejects_unsupported_inputs():
     q, k, v, _ = _inputs(1, 128, 4, 2, 64, jnp.float32)
-    with pytest.raises(NotImplementedError, match="bfloat16/float16"):
+    with pytest.raises(ValueError, match="bfloat16/float16"):
         gpu.blocksparse_attention(q, k, v, layout=SMALL)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     with pytest.raises(ValueError, match="num_heads"):
         gpu.blocksparse_attention(q, k, v, layout=PHI3_SMALL)
-    with pytest.raises(NotImplementedError, match="block_size"):
+    with pytest.raises(ValueError, match="block_size"):
         gpu.blocksparse_attention(q, k, v, layout=Layout(block_size=32, num_heads=4))
 
 

@@ -108,11 +108,11 @@ def bwd_plan(layout: Layout, num_blocks: int, num_kv_heads: int):
 def _check(q, k, v, layout: Layout, segment_ids):
     reference.check_inputs(q, k, v, layout, segment_ids)
     if layout.block_size != BLOCK:
-        raise NotImplementedError(f"the GPU kernels tile by {BLOCK}-token blocks; layout.block_size={layout.block_size}")
+        raise ValueError(f"the GPU kernels tile by {BLOCK}-token blocks; layout.block_size={layout.block_size}")
     if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise NotImplementedError(f"q, k, v must share one dtype among bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype among bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in (64, 128):  # 256 would exceed both SMEM (K/V tiles) and registers (accumulators)
-        raise NotImplementedError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
+        raise ValueError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
 
 
 def _pad(x, seq_pad, value=0):

@@ -13,6 +13,7 @@ No file is fetched over the network: every tokenizer loads from a local path.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import re
 from pathlib import Path
@@ -75,7 +76,7 @@ def _rebuild(cls, kwargs):
     return cls(**kwargs)
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Shared logic: special-token splitting, decoding around specials, chat templates, pickling.
 
     Subclasses implement `_encode_ordinary(text)` and `_decode_ordinary(ids)` for text without specials.
@@ -121,11 +122,13 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.special_tokens[self.pad_token]
 
+    @abc.abstractmethod
     def _encode_ordinary(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of `text` with special-token strings read as plain text."""
 
+    @abc.abstractmethod
     def _decode_ordinary(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of ids that contain no special tokens."""
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -262,11 +265,18 @@ class HFTokenizer(Tokenizer):
                          init_kwargs={"path": str(p), "chat_template": chat_template, "bos_token": bos_token,
                                       "eos_token": eos_token, "pad_token": pad_token})
 
+    def _encode_ordinary(self, text):
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
+
+    def _decode_ordinary(self, ids):
+        return self._tok.decode([int(i) for i in ids])
+
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise DataError(f"encode expects str, got {type(text).__name__}")
-        tok = self._tok if allow_special else self._plain
-        return list(tok.encode(text, add_special_tokens=False).ids)
+        if not allow_special:
+            return self._encode_ordinary(text)
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
