@@ -181,7 +181,7 @@ def prepare_out_dir(out: str | os.PathLike, force: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling `OUT.tmp-XXXX`; on success it replaces OUT, on error it is removed."""
+    """Yields a temporary sibling `OUT.tmp-<random>`; on success it replaces OUT, on error it is removed."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
