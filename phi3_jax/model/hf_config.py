@@ -30,7 +30,7 @@ _PHI3_FIELDS = {
 _PHI3_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _check_fields(hf: dict, known: set[str], required: tuple[str, ...], model_type: str) -> None:
+def check_fields(hf: dict, known: set[str], required: tuple[str, ...], model_type: str) -> None:
     unknown = sorted(set(hf) - known - GENERIC_FIELDS)
     if unknown:
         raise ConfigError(f"config.json: unknown field(s) {unknown} for model_type {model_type!r}; "
@@ -79,7 +79,7 @@ def _rope_params(hf: dict) -> dict[str, Any]:
 
 
 def _phi3_from_hf(hf: dict) -> ModelConfig:
-    _check_fields(hf, _PHI3_FIELDS, _PHI3_REQUIRED, "phi3")
+    check_fields(hf, _PHI3_FIELDS, _PHI3_REQUIRED, "phi3")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: hidden_act {hf['hidden_act']!r}: the phi3 family uses 'silu'")
     if hf.get("attention_bias"):

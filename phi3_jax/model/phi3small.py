@@ -10,11 +10,10 @@ Importing this module registers the presets (`presets.register_preset`) and the 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from phi3_jax.model.config import ConfigError, ModelConfig, longrope_mscale
-from phi3_jax.model.hf_config import FROM_HF, GENERIC_FIELDS, TO_HF
+from phi3_jax.model.hf_config import FROM_HF, TO_HF, check_fields
 from phi3_jax.model.presets import register_preset
 
 VOCAB_SIZE = 100352
@@ -139,24 +138,13 @@ def _rope(hf: dict, max_pos: int, head_dim: int) -> dict[str, Any]:
     # Remote positional_embedding.py: a given mscale is used if > 0; otherwise short 1.0, long sqrt formula.
     sm, lm = rs.get("short_mscale"), rs.get("long_mscale")
     short_m = float(sm) if sm is not None and sm > 0 else 1.0
-    long_m = float(lm) if lm is not None and lm > 0 else _sqrt_mscale(max_pos, l0)
+    long_m = float(lm) if lm is not None and lm > 0 else longrope_mscale(max_pos, l0)
     return dict(rope_scaling="longrope", original_max_position_embeddings=l0, rope_short_factor=short,
                 rope_long_factor=long_, rope_short_mscale=short_m, rope_long_mscale=long_m)
 
 
-def _sqrt_mscale(max_pos: int, l0: int) -> float:
-    s = max_pos / l0
-    return math.sqrt(1 + math.log(s) / math.log(l0)) if s > 1 else 1.0
-
-
 def phi3small_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    unknown = sorted(set(hf) - _KNOWN - GENERIC_FIELDS)
-    if unknown:
-        raise ConfigError(f"config.json: unknown field(s) {unknown} for model_type 'phi3small'; "
-                          "phi3_jax does not know what they change, so it will not guess")
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise ConfigError(f"config.json: missing required field(s) {missing} for model_type 'phi3small'")
+    check_fields(hf, _KNOWN, tuple(_REQUIRED), "phi3small")
     get = lambda k: hf.get(k, _DEFAULTS.get(k))  # noqa: E731  (absent field: the Phi3SmallConfig default)
 
     if get("hidden_act") != "gegelu":
