@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -361,6 +362,7 @@ def failure_line(rep: Report) -> str:
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
+@functools.cache  # absl flags may be defined only once per process
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -375,22 +377,12 @@ def _define_flags():
     return flags.FLAGS
 
 
-_FLAGS = None
-
-
-def _define_flags_once():
-    global _FLAGS
-    if _FLAGS is None:
-        _FLAGS = _define_flags()
-    return _FLAGS
-
-
 def main(argv) -> None:
     from phi3_jax import sharding as shd
     from phi3_jax.data import DataError
     from phi3_jax.model.config import ConfigError
 
-    FLAGS = _define_flags_once()
+    FLAGS = _define_flags()
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {argv[1:]}\n")
         sys.exit(2)
@@ -426,7 +418,7 @@ def cli() -> None:
 
     from phi3_jax.train import parse_flags  # the same one-line errors for bad --config fields as train.py
 
-    _define_flags_once()
+    _define_flags()
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
     app.run(main, flags_parser=parse_flags)

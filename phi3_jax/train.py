@@ -16,6 +16,7 @@ clusters); every process runs the same command.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import sys
 import time
@@ -293,6 +294,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
+@functools.cache  # absl flags may be defined only once per process
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
@@ -336,7 +338,7 @@ def main(argv) -> None:
     from phi3_jax.data import DataError
     from phi3_jax.model.config import ConfigError
 
-    FLAGS = _define_flags_once()
+    FLAGS = _define_flags()
     if len(argv) > 1:
         sys.stderr.write(f"error: unexpected arguments {argv[1:]}\n")
         sys.exit(2)
@@ -355,20 +357,10 @@ def main(argv) -> None:
     sys.exit(0 if result.status in ("done", "preempted", "complete") else 1)
 
 
-_FLAGS = None
-
-
-def _define_flags_once():
-    global _FLAGS
-    if _FLAGS is None:
-        _FLAGS = _define_flags()
-    return _FLAGS
-
-
 def cli() -> None:
     from absl import app, logging
 
-    _define_flags_once()
+    _define_flags()
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     app.run(main, flags_parser=parse_flags)
