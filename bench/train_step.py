@@ -9,6 +9,11 @@ Each framework runs in its own child process so neither one's threads or memory 
                                                 # seq 4096, batch 4, bf16: tokens/s and MFU
     python bench/train_step.py                  # CPU: a tiny config against the same peer (ratios only)
     python bench/train_step.py --append bench/RESULTS.md
+    python bench/train_step.py --device gpu --only jax --packed    # one framework, packed rows
+
+By default every row is one document, as on the torch side. `--packed` gives the JAX step segment ids and
+reset positions (four documents a row), the batches the training pipeline makes; the torch peer has no
+packed-attention path and always runs plain causal rows.
 
 MFU = tokens/s x ModelConfig.flops_per_token(seq) / peak bf16 FLOP/s of the chip (phi3_jax.metrics table;
 omitted where the peak is unknown, e.g. CPUs). The same FLOPs per token are used for both frameworks.
@@ -35,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="override the shape's batch")
     p.add_argument("--seq", type=int, help="override the shape's sequence length")
     p.add_argument("--layers", type=int, help="override the shape's depth")
+    p.add_argument("--packed", action="store_true", help="JAX: four documents per row (segment ids, positions)")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), help="JAX attention implementation "
+                   "(default: auto on a GPU, xla on a CPU)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX rematerialisation")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per framework (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--only", choices=("jax", "torch"), help="run one framework and print its JSON result")
@@ -50,14 +59,14 @@ def shape(args) -> dict:
     return s
 
 
-def model_config(s: dict, dtype: str, device: str):
+def model_config(s: dict, dtype: str, device: str, attention: str | None = None, remat: str = "none"):
     from phi3_jax.model import ModelConfig
 
     return ModelConfig(family="phi3", vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_layers=s["num_layers"],
                        num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
                        intermediate_size=s["intermediate_size"], max_position_embeddings=max(4096, s["seq"]),
                        original_max_position_embeddings=max(4096, s["seq"]), param_dtype="float32", dtype=dtype,
-                       attention_impl="auto" if device == "gpu" else "xla")
+                       attention_impl=attention or ("auto" if device == "gpu" else "xla"), remat=remat)
 
 
 def bench_jax(args) -> dict:
@@ -71,7 +80,7 @@ def bench_jax(args) -> dict:
 
     s = shape(args)
     dtype = "bfloat16" if args.device == "gpu" else "float32"
-    cfg = model_config(s, dtype, args.device)
+    cfg = model_config(s, dtype, args.device, args.attention, args.remat)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
                                  clip_norm=1.0)
@@ -80,10 +89,12 @@ def bench_jax(args) -> dict:
     rng = np.random.RandomState(0)
     B, T = s["batch"], s["seq"]
     ids = rng.randint(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-    batch = shd.make_global_batch(mesh, {
-        "inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((B, T), np.int32),
-        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-        "loss_mask": np.ones((B, T), np.float32)}, B)
+    rows = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((B, T), np.float32)}
+    if args.packed:
+        doc = np.minimum(np.arange(T) * 4 // T, 3).astype(np.int32)
+        rows["segment_ids"] = np.broadcast_to(doc + 1, (B, T)).copy()
+        rows["positions"] = np.broadcast_to(np.arange(T) - np.searchsorted(doc, doc), (B, T)).astype(np.int32)
+    batch = shd.make_global_batch(mesh, rows, B)
     holder = {"state": state}
 
     def step():
@@ -97,7 +108,7 @@ def bench_jax(args) -> dict:
     return dict(framework="phi3_jax", version=jax.__version__, backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), first_s=first, median_s=median, tokens_per_s=tps,
                 params=cfg.param_count(), flops_per_token=flops, mfu=tps * flops / peak if peak else None,
-                dtype=dtype)
+                dtype=dtype, attention=cfg.attention_impl, remat=cfg.remat, packed=bool(args.packed))
 
 
 def bench_torch(args) -> dict:
@@ -158,7 +169,8 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
         "",
         "| framework | first step (s) | median step (s) | tokens/s | MFU |",
         "|---|---|---|---|---|",
-        f"| phi3_jax (jit, donated state) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
+        f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}"
+        f"{', packed rows' if jx['packed'] else ''}) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
         f"{fmt(jx.get('mfu'))} |",
         f"| transformers Phi3ForCausalLM + torch AdamW | {pt['first_s']:.2f} | {pt['median_s']:.3f} | "
         f"{pt['tokens_per_s']:.0f} | {fmt(pt_mfu)} |",
@@ -179,7 +191,10 @@ def main(argv=None) -> int:
     if args.only:
         print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
-    passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--remat", args.remat] + (["--packed"] if args.packed else [])
+    if args.attention:
+        passthrough += ["--attention", args.attention]
     for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--layers", args.layers)):
         if v:
             passthrough += [flag, str(v)]

@@ -116,6 +116,21 @@ def _fetch_kv_pairs(meta_ref, h, c, n_steps, b, g, k_ref, v_ref, seg_ref, k_smem
                 if with_seg:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem.at[slot, half], bar.at[slot])
 
+    _drain(n_steps, FWD_SLOTS, k_free, v_free)
+
+
+def _drain(n, slots, *free_bars):
+    """Waits for the consumers to release the last `slots` steps' buffers before the CTA ends.
+
+    Nothing is fetched after them, but every thread that waits on a barrier must observe all its phases:
+    jax 0.11's GPU interpreter checks this when it deallocates the barrier.
+    """
+
+    @pl.loop(jnp.maximum(n - slots, 0), n)
+    def _(s):
+        for bar in free_bars:
+            plgpu.barrier_wait(bar.at[lax.rem(s, slots)])
+
 
 # ---- forward -------------------------------------------------------------------------------------
 
@@ -404,6 +419,8 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, q_rows], segq_smem.at[slot], q_bar.at[slot])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, h], do_smem.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, q_rows], delta_smem.at[slot], do_bar.at[slot])
+
+            _drain(n, BWD_SLOTS, free)
 
     smem = (
         _smem_tile((BLOCK, dim), dtype),

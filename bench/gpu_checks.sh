@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
+# the Mosaic GPU kernel tests, bench/attention.py (with its correctness checks), bench/train_step.py
+# and bench/forward.py at phi-3-mini width. Steps run in order of importance, each under its own time
+# limit; a failing step is logged and the next one still runs. Results are appended to bench/RESULTS.md.
+#
+#   bash bench/gpu_checks.sh [OUTDIR]      # log: OUTDIR/gpu_checks.log (default $OUT or /tmp/phi3_gpu)
+#   STEPS="kernels attention" bash bench/gpu_checks.sh    # a subset
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/phi3_gpu}}
+mkdir -p "$out"
+log="$out/gpu_checks.log"
+py=${PYTHON:-python3}
+# JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+steps=${STEPS:-"env kernels attention train train_packed forward"}
+
+step() {
+  local name=$1 limit=$2
+  shift 2
+  case " $steps " in *" $name "*) ;; *) return ;; esac
+  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  printf -v "rc_$name" %s "$rc"
+  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+  tail -n 25 "$log" | grep -v "^===" || true
+}
+
+step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; $py -c '
+import jax, flax, optax, torch, transformers
+print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__,
+      \"torch\", torch.__version__, \"transformers\", transformers.__version__)'"
+step kernels 150 $py -m pytest -q -m gpu tests/test_blocksparse_gpu.py -p no:cacheprovider
+if [ "${rc_kernels:-0}" = 124 ]; then
+  echo "=== attention: skipped, the kernel tests timed out (a kernel that never finishes would hang it too)" | tee -a "$log"
+else
+  step attention 240 $py bench/attention.py --seqs 4096,8192,16384,32768 --flex-seqs 8192 --out bench/RESULTS.md
+fi
+step train 300 $py bench/train_step.py --device gpu --append bench/RESULTS.md
+step train_packed 180 $py bench/train_step.py --device gpu --only jax --packed
+step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
+cp bench/RESULTS.md "$out/RESULTS.md"
