@@ -12,8 +12,9 @@ time divided by the method's time (> 1 is faster). Decode rows give the KV-cache
 in one sparse layer against a dense layer.
 
 Before timing, the GPU kernel's output and gradients are checked on fresh random inputs: against the
-float32 reference where it fits in memory (`--check-seqs`), and at every timed length the fused-dq and
-separate-dq backward paths against each other (two independent dq computations) with every value finite.
+float32 reference where it fits in memory (`--check-seqs`), and at every timed length the separate-dq
+(default) and fused-dq backward paths against each other (two independent dq computations), every value
+finite.
 FlexAttention (`--flex-seqs`) runs in a child process (torch and JAX do not share the GPU's memory pool),
 compiled with torch.compile, on a BlockMask built from the same `Layout.block_mask`.
 
@@ -25,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -139,15 +141,17 @@ def check_gpu(args, layout: Layout) -> list[tuple]:
         try:
             got = fused(q, k, v, do)
             flat = [got[0], *got[1]]
+            other = separate(q, k, v, do)
+            other = [other[0], *other[1]]
             if seq in args.check_seqs:
                 want = reference(*(x.astype(jnp.float32) for x in (q, k, v, do)))
-                rows.append((seq, "fused-dq kernel vs float32 reference",
-                             *(_rel_err(g, w) for g, w in zip(flat, [want[0], *want[1]]))))
-                print(_format_check(rows[-1]), flush=True)
+                want = [want[0], *want[1]]
+                for what, got_ in (("separate-dq", other), ("fused-dq", flat)):
+                    rows.append((seq, f"{what} kernel vs float32 reference",
+                                 *(_rel_err(g, w) for g, w in zip(got_, want))))
+                    print(_format_check(rows[-1]), flush=True)
                 del want
-            other = separate(q, k, v, do)
-            rows.append((seq, "fused-dq vs separate-dq kernel",
-                         *(_rel_err(g, w) for g, w in zip(flat, [other[0], *other[1]]))))
+            rows.append((seq, "fused-dq vs separate-dq kernel", *(_rel_err(g, w) for g, w in zip(flat, other))))
             print(_format_check(rows[-1]), flush=True)
         except Exception as e:  # report and go on to timing: the table shows which lengths failed
             print(f"check at {seq} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
@@ -225,8 +229,8 @@ def run_gpu(args, layout: Layout) -> list[tuple]:
         sparse_pairs, causal_pairs = _pairs(layout, seq)
         methods = {"cuDNN dense causal": (_cudnn, causal_pairs)}
         if args.backend == "gpu":
-            methods["gpu kernel"] = (_attention_fns(layout, "gpu", fuse_dq=True), sparse_pairs)
-            methods["gpu kernel, separate dq"] = (_attention_fns(layout, "gpu", fuse_dq=False), sparse_pairs)
+            methods["gpu kernel"] = (_attention_fns(layout, "gpu"), sparse_pairs)
+            methods["gpu kernel, fused dq"] = (_attention_fns(layout, "gpu", fuse_dq=True), sparse_pairs)
         elif args.backend != "reference":
             methods[f"{args.backend} kernel"] = (_attention_fns(layout, args.backend), sparse_pairs)
         methods["reference"] = (_attention_fns(layout, "reference"), sparse_pairs)
@@ -235,7 +239,7 @@ def run_gpu(args, layout: Layout) -> list[tuple]:
         for pass_ in ("fwd", "fwd+bwd"):
             base = None
             for name, (fwd, pairs) in methods.items():
-                if pass_ == "fwd" and name.endswith("separate dq"):
+                if pass_ == "fwd" and name.endswith("fused dq"):
                     continue
                 if name == "reference" and not _fits_reference(seq, pass_):
                     rows.append((seq, pass_, name, None, None, None))
@@ -273,7 +277,7 @@ def table(rows, checks, decode, card: str, torch_version: str | None) -> str:
         "",
         f"- date {datetime.date.today().isoformat()}, jax {jax.__version__}"
         + (f", torch {torch_version}" if torch_version else "") + f", card {card}",
-        f"- command: `python {' '.join(sys.argv)}`",
+        f"- command: `python {shlex.join(sys.argv)}`",
         f"- batch {BATCH}, {HEADS} q heads, {KV_HEADS} kv heads, head_dim {DIM}, bf16; targets at 8192 on an "
         f"H100: fwd <= {TARGETS_8K['fwd']} ms, fwd+bwd <= {TARGETS_8K['fwd+bwd']} ms",
         "",

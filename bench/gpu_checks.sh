@@ -15,7 +15,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env kernels attention train train_packed forward"}
+steps=${STEPS:-"env kernels attention train train_packed train_breakdown forward"}
 
 step() {
   local name=$1 limit=$2
@@ -38,9 +38,13 @@ step kernels 150 $py -m pytest -q -m gpu tests/test_blocksparse_gpu.py -p no:cac
 if [ "${rc_kernels:-0}" = 124 ]; then
   echo "=== attention: skipped, the kernel tests timed out (a kernel that never finishes would hang it too)" | tee -a "$log"
 else
-  step attention 240 $py bench/attention.py --seqs 4096,8192,16384,32768 --flex-seqs 8192 --out bench/RESULTS.md
+  # shellcheck disable=SC2086  # ATTENTION_ARGS is a list of flags
+  step attention 240 $py bench/attention.py ${ATTENTION_ARGS:---seqs 4096,8192,16384,32768 --flex-seqs 8192} \
+    --out bench/RESULTS.md
 fi
 step train 300 $py bench/train_step.py --device gpu --append bench/RESULTS.md
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --packed
+step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --breakdown
+step train_unrolled 180 $py bench/train_step.py --device gpu --only jax --unroll
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"

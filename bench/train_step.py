@@ -43,7 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--packed", action="store_true", help="JAX: four documents per row (segment ids, positions)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), help="JAX attention implementation "
                    "(default: auto on a GPU, xla on a CPU)")
+    p.add_argument("--unroll", action="store_true", help="JAX: unrolled layers instead of lax.scan")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX rematerialisation")
+    p.add_argument("--breakdown", action="store_true",
+                   help="JAX: also time the loss forward alone and loss + gradients alone (where the step goes)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per framework (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--only", choices=("jax", "torch"), help="run one framework and print its JSON result")
@@ -59,14 +62,16 @@ def shape(args) -> dict:
     return s
 
 
-def model_config(s: dict, dtype: str, device: str, attention: str | None = None, remat: str = "none"):
+def model_config(s: dict, dtype: str, device: str, attention: str | None = None, remat: str = "none",
+                 scan_layers: bool = True):
     from phi3_jax.model import ModelConfig
 
     return ModelConfig(family="phi3", vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_layers=s["num_layers"],
                        num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
                        intermediate_size=s["intermediate_size"], max_position_embeddings=max(4096, s["seq"]),
                        original_max_position_embeddings=max(4096, s["seq"]), param_dtype="float32", dtype=dtype,
-                       attention_impl=attention or ("auto" if device == "gpu" else "xla"), remat=remat)
+                       attention_impl=attention or ("auto" if device == "gpu" else "xla"), remat=remat,
+                       scan_layers=scan_layers)
 
 
 def bench_jax(args) -> dict:
@@ -80,7 +85,7 @@ def bench_jax(args) -> dict:
 
     s = shape(args)
     dtype = "bfloat16" if args.device == "gpu" else "float32"
-    cfg = model_config(s, dtype, args.device, args.attention, args.remat)
+    cfg = model_config(s, dtype, args.device, args.attention, args.remat, not args.unroll)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
                                  clip_norm=1.0)
@@ -102,13 +107,21 @@ def bench_jax(args) -> dict:
         jax.block_until_ready(m["loss"])
 
     first, median = time_calls(step, args.steps, args.warmup)
+    parts = {}
+    if args.breakdown:
+        graphdef, params = ts.graphdef_of(cfg), holder["state"]["params"]
+        loss = lambda p, b: ts.loss_sums(graphdef, p, b, dtype)[0]  # noqa: E731
+        for name, fn in (("loss_forward_s", jax.jit(loss)), ("loss_and_grads_s", jax.jit(jax.value_and_grad(loss)))):
+            parts[name] = time_calls(lambda: jax.block_until_ready(fn(params, batch)), args.steps, args.warmup)[1]
+            print(f"{name}: {parts[name]:.4f} s (full step {median:.4f} s)", flush=True)
     tps = B * T / median
     peak = peak_flops(jax.devices()[0])
     flops = cfg.flops_per_token(T)
     return dict(framework="phi3_jax", version=jax.__version__, backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), first_s=first, median_s=median, tokens_per_s=tps,
                 params=cfg.param_count(), flops_per_token=flops, mfu=tps * flops / peak if peak else None,
-                dtype=dtype, attention=cfg.attention_impl, remat=cfg.remat, packed=bool(args.packed))
+                dtype=dtype, attention=cfg.attention_impl, remat=cfg.remat, packed=bool(args.packed),
+                scan_layers=cfg.scan_layers, **parts)
 
 
 def bench_torch(args) -> dict:
@@ -169,7 +182,8 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
         "",
         "| framework | first step (s) | median step (s) | tokens/s | MFU |",
         "|---|---|---|---|---|",
-        f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}"
+        f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}, "
+        f"{'scanned' if jx['scan_layers'] else 'unrolled'} layers"
         f"{', packed rows' if jx['packed'] else ''}) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
         f"{fmt(jx.get('mfu'))} |",
         f"| transformers Phi3ForCausalLM + torch AdamW | {pt['first_s']:.2f} | {pt['median_s']:.3f} | "
@@ -192,7 +206,7 @@ def main(argv=None) -> int:
         print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
     passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--remat", args.remat] + (["--packed"] if args.packed else [])
+                   "--remat", args.remat] + (["--packed"] if args.packed else []) + (["--unroll"] if args.unroll else [])
     if args.attention:
         passthrough += ["--attention", args.attention]
     for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--layers", args.layers)):

@@ -34,7 +34,7 @@ def _inputs(batch, seq, heads, kv_heads, dim, dtype, seed=0):
     return q, k, v, do
 
 
-def _compare(layout, q, k, v, do, segment_ids=None, fuse_dq=True, sm_scale=None, races=True):
+def _compare(layout, q, k, v, do, segment_ids=None, fuse_dq=False, sm_scale=None, races=True):
     def kernel(q, k, v):
         return gpu.blocksparse_attention(q, k, v, layout=layout, sm_scale=sm_scale, segment_ids=segment_ids,
                                          interpret=_interpret(races), fuse_dq=fuse_dq)
@@ -113,10 +113,10 @@ def test_interpret_bf16_gqa_ragged_segments():
 
 
 @pytest.mark.slow
-def test_interpret_f16_batch_separate_dq():
+def test_interpret_f16_batch_fused_dq():
     layout = Layout(block_size=64, local_blocks=1, vert_stride=2, num_heads=2)
     q, k, v, do = _inputs(2, 256, 2, 1, 64, jnp.float16, seed=1)
-    _compare(layout, q, k, v, do, fuse_dq=False, sm_scale=0.3, races=False)
+    _compare(layout, q, k, v, do, fuse_dq=True, sm_scale=0.3, races=False)
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""The model with impl="pallas" (block-sparse kernel, interpreted on CPU) against impl="xla": loss and grads."""
+"""The model with impl="pallas" (block-sparse kernels, interpreted on CPU) against impl="xla": loss and grads."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +65,43 @@ def test_kernel_runs_per_batch_shard_on_a_mesh():
         loss_p, _ = _loss_and_grads(CFG, "pallas", ids, seg)
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr
     assert abs(float(loss_x) - float(loss_p)) <= 2e-5 * abs(float(loss_x))
+
+
+@pytest.mark.slow
+def test_gpu_kernel_trains_like_xla(monkeypatch):
+    """The model's path into the Mosaic GPU kernels (run in Pallas' GPU interpreter): loss and grads."""
+    pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    from pallas_kernels.blocksparse import gpu
+
+    attn = importlib.import_module("phi3_jax.ops.attention")  # the package re-exports the function's name
+    cfg = CFG.replace(dtype="bfloat16", num_heads=2, num_kv_heads=1, head_dim=64, hidden_size=128,
+                      blocksparse_block_size=64, blocksparse_local_blocks=1, max_position_embeddings=512,
+                      original_max_position_embeddings=512)
+    rng = np.random.RandomState(2)
+    ids = jnp.asarray(rng.randint(0, 256, (1, 201)), jnp.int32)
+    seg = jnp.asarray(np.repeat([1, 2], [130, 71])[None], jnp.int32)
+    loss_x, g_x = _loss_and_grads(cfg, "xla", ids, seg)
+
+    calls = []
+    kernel = gpu.blocksparse_attention
+    monkeypatch.setattr(gpu, "blocksparse_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(attn, "_kernel_backend", lambda: ("gpu", True))
+    loss_p, g_p = _loss_and_grads(cfg, "pallas", ids, seg)
+    assert calls, "the model did not call the GPU kernel"
+    assert abs(float(loss_x) - float(loss_p)) <= 3e-2 * abs(float(loss_x))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_p)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 5e-2 * max(np.abs(a).max(), 1e-6), path  # bf16 P and dS
+
+
+def test_auto_picks_the_gpu_kernel_only_for_inputs_it_takes(monkeypatch):
+    from pallas_kernels.blocksparse.layout import Layout
+
+    attn = importlib.import_module("phi3_jax.ops.attention")
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    mask = attn.Mask(layout=Layout(num_heads=4))
+    q16 = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
+    assert attn._auto_impl(q16, mask) == "pallas"
+    assert attn._auto_impl(q16.astype(jnp.float32), mask) == "xla"
+    assert attn._auto_impl(jnp.zeros((1, 128, 4, 96), jnp.bfloat16), mask) == "xla"
+    assert attn._auto_impl(q16, attn.Mask(layout=Layout(block_size=32, num_heads=4))) == "xla"

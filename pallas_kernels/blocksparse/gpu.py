@@ -105,13 +105,21 @@ def bwd_plan(layout: Layout, num_blocks: int, num_kv_heads: int):
 # ---- public entry point --------------------------------------------------------------------------
 
 
+_HEAD_DIMS = (64, 128)  # 256 would exceed both SMEM (K/V tiles) and registers (accumulators)
+
+
+def supports(dtype, head_dim: int, layout: Layout) -> bool:
+    """Whether the kernels take q/k/v of this dtype and head_dim with this layout (callers pick a fallback)."""
+    return jnp.dtype(dtype) in _SUPPORTED and head_dim in _HEAD_DIMS and layout.block_size == BLOCK
+
+
 def _check(q, k, v, layout: Layout, segment_ids):
     reference.check_inputs(q, k, v, layout, segment_ids)
     if layout.block_size != BLOCK:
         raise ValueError(f"the GPU kernels tile by {BLOCK}-token blocks; layout.block_size={layout.block_size}")
     if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in (64, 128):  # 256 would exceed both SMEM (K/V tiles) and registers (accumulators)
+    if q.shape[-1] not in _HEAD_DIMS:
         raise ValueError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
 
 
@@ -167,14 +175,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blocksparse_attention(q, k, v, *, layout: Layout, sm_scale=None, segment_ids=None, backend="gpu",
-                          interpret=False, fuse_dq: bool = True):
+                          interpret=False, fuse_dq: bool = False):
     """Causal block-sparse attention on Hopper (Pallas Mosaic GPU); differentiable.
 
     q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim] (bf16 or f16); query head h
     uses the layout's pattern of global head h. segment_ids [batch, seq] (optional) further restricts
     attention to equal ids. `interpret` (True or a `plgpu.InterpretGPUParams`) runs the kernels in the
     Pallas GPU interpreter on CPU. `fuse_dq` computes dq in the dk/dv kernel (TMA reduce-add into an
-    fp32 buffer); False uses a separate dq kernel that recomputes the scores.
+    fp32 buffer); the default, False, uses a separate dq kernel that recomputes the scores, which was
+    faster at every length on an H100 (bench/RESULTS.md): the reduce-adds cost more than the recompute.
     """
     if backend != "gpu":
         raise ValueError(f"pallas_kernels.blocksparse.gpu only implements backend='gpu', got {backend!r}")

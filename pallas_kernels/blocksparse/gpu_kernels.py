@@ -25,9 +25,11 @@ BLOCK = 64  # rows per warpgroup tile; the layout block must be the same
 COMPUTE_WGS = 2
 STEP_KEYS = 2 * BLOCK  # keys per forward step: two gathered layout blocks
 FWD_SLOTS = 2  # K/V tiles in flight (2 x 64 KiB at head_dim 128)
-# (q, do, lse, delta) tiles in flight. Even, so each slot always serves the same warpgroup: a barrier's
-# phase is tracked per thread, and a warpgroup that skipped phases would read a stale parity.
-BWD_SLOTS = 2
+# (q, do, lse, delta) tiles in flight in the dk/dv kernel. Even, so each slot always serves the same
+# warpgroup (a barrier's phase is tracked per thread, and a warpgroup that skipped phases would read a
+# stale parity). Four give each warpgroup its next tile while it computes on the current one; with
+# fused dq the two fp32 dq staging tiles leave SMEM for two only.
+BWD_SLOTS = {False: 4, True: 2}  # by fuse_dq
 _LOG2E = math.log2(math.e)
 _MASKED = -1e30  # finite, so a row whose first tiles are all masked never computes inf - inf
 
@@ -292,6 +294,7 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
     has_seg = seg_BT is not None
     staged = bool(interpret)
     dq_side = fuse_dq and staged  # the interpreter has no TMA reduction: partials go to a side buffer
+    slots = BWD_SLOTS[bool(fuse_dq)]
     scale2 = float(sm_scale) * _LOG2E
     shape_s = (BLOCK, BLOCK)  # [keys, queries]
     shape_o = (BLOCK, dim)
@@ -326,7 +329,7 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
             def step(j, carry, diag):
                 dk, dv = carry
                 i = wg + 2 * j
-                slot = lax.rem(i, BWD_SLOTS)
+                slot = lax.rem(i, slots)
                 h, qb = entry(i)
                 plgpu.barrier_wait(q_bar.at[slot])
                 s_kq = _mm(k_smem, q_smem.at[slot].transpose((1, 0)), shape_s) * scale2
@@ -373,21 +376,24 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
             dk, dv = lax.fori_loop(n_plain, n_mine, functools.partial(step, diag=True), carry)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            # Sum the two warpgroups' partials through SMEM; warpgroup 0 writes the result.
+            # Sum the two warpgroups' partials through one fp32 SMEM tile, dk then dv; warpgroup 0 writes
+            # the results over the K and V tiles (warpgroup 1 has finished reading them by then).
+            sum_smem = f32_smem.at[0]
+
             @pl.when(wg == 1)
             def _():
-                plgpu.barrier_wait(buf_free)
-                f32_smem.at[1][...] = dk
-                f32_smem.at[0][...] = dv
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(part_ready)
+                for part in (dk, dv):
+                    plgpu.barrier_wait(buf_free)
+                    sum_smem[...] = part
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(part_ready)
 
             @pl.when(wg == 0)
             def _():
-                plgpu.barrier_arrive(buf_free)
-                plgpu.barrier_wait(part_ready)
-                k_smem[...] = ((dk + f32_smem.at[1][...]) * sm_scale).astype(dtype)
-                v_smem[...] = (dv + f32_smem.at[0][...]).astype(dtype)
+                for part, scale, dst in ((dk, sm_scale, k_smem), (dv, 1.0, v_smem)):
+                    plgpu.barrier_arrive(buf_free)
+                    plgpu.barrier_wait(part_ready)
+                    dst[...] = ((part + sum_smem[...]) * scale).astype(dtype)
                 plgpu.commit_smem()
                 rows = pl.ds(kb * BLOCK, BLOCK)
                 plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, rows, g])
@@ -405,11 +411,11 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
 
             @pl.loop(0, n)
             def _fetch(i):
-                slot = lax.rem(i, BWD_SLOTS)
+                slot = lax.rem(i, slots)
                 h, qb = entry(i)
                 q_rows = pl.ds(qb * BLOCK, BLOCK)
 
-                @pl.when(i >= BWD_SLOTS)
+                @pl.when(i >= slots)
                 def _():
                     plgpu.barrier_wait(free.at[slot])
 
@@ -420,26 +426,26 @@ def dkv(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT, seg_BT, dq_ref, pla
                 plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, h], do_smem.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, q_rows], delta_smem.at[slot], do_bar.at[slot])
 
-            _drain(n, BWD_SLOTS, free)
+            _drain(n, slots, free)
 
     smem = (
         _smem_tile((BLOCK, dim), dtype),
         _smem_tile((BLOCK, dim), dtype),
-        _smem_tile((BWD_SLOTS, BLOCK, dim), dtype),
-        _smem_tile((BWD_SLOTS, BLOCK, dim), dtype),
-        plgpu.SMEM((BWD_SLOTS, BLOCK), jnp.float32),
-        plgpu.SMEM((BWD_SLOTS, BLOCK), jnp.float32),
+        _smem_tile((slots, BLOCK, dim), dtype),
+        _smem_tile((slots, BLOCK, dim), dtype),
+        plgpu.SMEM((slots, BLOCK), jnp.float32),
+        plgpu.SMEM((slots, BLOCK), jnp.float32),
         _smem_tile((COMPUTE_WGS, BLOCK, BLOCK), dtype) if (fuse_dq or staged) else None,
         _smem_tile((COMPUTE_WGS, BLOCK, BLOCK), dtype) if staged else None,
-        _smem_tile((COMPUTE_WGS, BLOCK, dim), jnp.float32),
-        plgpu.SMEM((BWD_SLOTS, BLOCK), jnp.int32) if has_seg else None,
+        _smem_tile((COMPUTE_WGS if fuse_dq else 1, BLOCK, dim), jnp.float32),  # dq staging / partial sums
+        plgpu.SMEM((slots, BLOCK), jnp.int32) if has_seg else None,
         plgpu.SMEM((BLOCK,), jnp.int32) if has_seg else None,
     )
     bars = (
         plgpu.Barrier(num_arrivals=3 if has_seg else 2),
-        plgpu.Barrier(num_arrivals=3 if has_seg else 2, num_barriers=BWD_SLOTS),
-        plgpu.Barrier(num_arrivals=2, num_barriers=BWD_SLOTS),
-        plgpu.Barrier(num_arrivals=1, num_barriers=BWD_SLOTS),
+        plgpu.Barrier(num_arrivals=3 if has_seg else 2, num_barriers=slots),
+        plgpu.Barrier(num_arrivals=2, num_barriers=slots),
+        plgpu.Barrier(num_arrivals=1, num_barriers=slots),
         plgpu.Barrier(num_arrivals=1),
         plgpu.Barrier(num_arrivals=1),
     )

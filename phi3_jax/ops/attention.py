@@ -6,7 +6,8 @@ Implementations:
 - "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks
   (on a CPU host the TPU kernel runs in Pallas' interpreter, for tests); dense masks under "pallas" take
   the best dense path of the backend.
-- "auto": cuDNN for dense masks on GPU, Pallas for block-sparse masks on GPU/TPU, else XLA.
+- "auto": cuDNN for dense masks on GPU, Pallas for block-sparse masks on TPU and on GPU where the
+  Mosaic GPU kernels take the inputs (bf16/f16, head_dim 64 or 128, 64-token blocks), else XLA.
 
 Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query attention: query head n
 reads kv head n // (N // K)). The mask is described, not materialised: a causal flag, an optional window,
@@ -69,8 +70,25 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
 def _auto_impl(q_BTNH, mask: Mask) -> str:
     backend = jax.default_backend()
     if mask.layout is not None:
-        return "pallas" if backend in ("gpu", "tpu") and _is_self_attention(mask) else "xla"
+        return "pallas" if _is_self_attention(mask) and _blocksparse_kernel_ok(q_BTNH, mask, backend) else "xla"
     return "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
+
+
+def _blocksparse_kernel_ok(q_BTNH, mask: Mask, backend: str) -> bool:
+    if backend == "tpu":
+        return True
+    if backend == "gpu":  # the Mosaic GPU kernels take bf16/f16 and head_dim 64/128 only
+        from pallas_kernels.blocksparse import gpu
+
+        return gpu.supports(q_BTNH.dtype, q_BTNH.shape[-1], mask.layout)
+    return False
+
+
+def _kernel_backend() -> tuple[str, bool]:
+    """(pallas_kernels backend, interpret) on this platform; without an accelerator the TPU kernel runs in
+    Pallas' interpreter."""
+    platform = jax.default_backend()
+    return (platform, False) if platform in ("gpu", "tpu") else ("tpu", True)
 
 
 def _is_self_attention(mask: Mask) -> bool:
@@ -148,13 +166,11 @@ def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
         raise ValueError("attention: block-sparse kernels are causal and take no window")
     from phi3_jax.sharding import batch_parallel
 
-    platform = jax.default_backend()
-    backend = "gpu" if platform == "gpu" else "tpu"
+    backend, interpret = _kernel_backend()
 
     def kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
         return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
-                                     segment_ids=segment_ids_BT, backend=backend,
-                                     interpret=platform not in ("gpu", "tpu"))
+                                     segment_ids=segment_ids_BT, backend=backend, interpret=interpret)
 
     # Mosaic kernels cannot be partitioned by XLA: on a mesh each device runs the kernel on its own rows.
     segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
