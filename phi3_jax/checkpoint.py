@@ -360,6 +360,7 @@ class TrainCheckpointer:
         if saved.family != model_cfg.family:
             raise CheckpointError(f"{step_dir}: checkpoint of a {saved.family} model, the config builds a "
                                   f"{model_cfg.family} model; use a new --workdir or the config it was trained with")
+        _check_data_processes(step_dir / DATA_ITEM)
         rest = {k: v for k, v in abstract_state.items() if k != "params"}
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**{
@@ -370,6 +371,11 @@ class TrainCheckpointer:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure means the step is unusable
+            from phi3_jax.train_data import DataStateMismatch
+
+            if isinstance(e, DataStateMismatch):
+                raise CheckpointError(f"{step_dir}/{DATA_ITEM}: {e}; resume with the train.data_shards (or "
+                                      "process count) the run was started with") from None
             raise CheckpointError(f"{step_dir}: unreadable, the checkpoint may be corrupt "
                                   f"({type(e).__name__}: {_first_line(e)}); move the step folder away to resume "
                                   "from an earlier one, or use a new --workdir") from None
@@ -381,6 +387,17 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def _check_data_processes(data_dir: Path) -> None:
+    """grain writes one iterator state per process (process_I-of-N.json): N must match this run."""
+    n = jax.process_count()
+    counts = sorted({int(f.stem.rsplit("-of-", 1)[1]) for f in data_dir.glob("process_*-of-*.json")
+                     if f.stem.rsplit("-of-", 1)[1].isdigit()})
+    if counts and n not in counts:
+        raise CheckpointError(f"{data_dir}: the data iterator state was written by {counts[0]} process(es), this "
+                              f"run has {n}; resume with {counts[0]} process(es) (the state is per process), or "
+                              "start a new --workdir with --init_from the checkpoint to keep the weights only")
 
 
 def _metadata_tree(mngr, step: int, item: str, step_dir: Path) -> dict:

@@ -53,6 +53,10 @@ def shard_ids(mesh, global_batch: int, seq_len: int, num_shards: int) -> list[in
     return list(range(start // per, stop // per))
 
 
+class DataStateMismatch(ValueError):
+    """A checkpointed data-iterator state that belongs to another split of the global batch."""
+
+
 class DataFeed:
     """Concatenated batches of this process's data shards; checkpointable."""
 
@@ -78,7 +82,7 @@ class DataFeed:
     def set_state(self, state: bytes) -> None:
         d = json.loads(state.decode() if isinstance(state, bytes) else state)
         if d.get("num_shards") != self.num_shards or d.get("shards") != self.shards:
-            raise ValueError(f"data iterator state is for shards {d.get('shards')} of {d.get('num_shards')}, "
+            raise DataStateMismatch(f"data iterator state is for shards {d.get('shards')} of {d.get('num_shards')}, "
                              f"this run loads shards {self.shards} of {self.num_shards} (train.data_shards or "
                              "the process count changed)")
         for it, s in zip(self._iters, d["states"]):

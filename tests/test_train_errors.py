@@ -108,3 +108,20 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     import jax
 
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_resume_with_another_data_split_names_it(tmp_path):
+    wd = tmp_path / "wd"
+    assert run(_cfg(steps=2), str(wd)).status == "done"
+    before = snapshot(wd)
+    with pytest.raises(CheckpointError, match="train.data_shards"):
+        run(_cfg(steps=4, data_shards=2), str(wd))
+    assert snapshot(wd) == before
+    # A state written by two processes (as on a 2-host pod) cannot resume on one.
+    data = wd / "checkpoints" / "2" / "data"
+    (state,) = data.glob("process_*-of-*.json")
+    state.rename(data / "process_0-of-2.json")
+    before = snapshot(wd)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
+        run(_cfg(steps=4), str(wd))
+    assert snapshot(wd) == before
