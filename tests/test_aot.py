@@ -88,10 +88,8 @@ def run_cli(*args, timeout=600):
 @pytest.mark.parametrize("topology", ["v5e-4", "v5p-8"])
 @pytest.mark.parametrize("config,overrides", [
     ("configs/tiny.py", {}),
-    # Multi-chip meshes need the XLA attention: the Pallas block-sparse kernel is not wrapped in a
-    # shard_map yet (see test_phi3small_pallas_kernel_on_a_mesh).
     ("configs/phi3_small.py:tiny", {"model__attention_impl": "xla"}),
-], ids=["phi3-tiny", "phi3small-tiny"])
+], ids=["phi3-tiny", "phi3small-tiny-xla"])
 def test_tiny_configs_fit(libtpu, config, overrides, topology):
     rep = aot.compile_train_step(load_config(config, mesh__fsdp=-1, **overrides), topology, log=lambda *_: None)
     chips = aot.parse_topology(topology).chips
@@ -121,6 +119,17 @@ def test_phi3small_pallas_kernel_on_a_mesh(libtpu):
     rep = aot.compile_train_step(load_config("configs/phi3_small.py:tiny", mesh__fsdp=-1), "v5e-4",
                                  log=lambda *_: None)
     assert rep.fits
+
+
+@pytest.mark.slow
+@pytest.mark.tpu
+def test_dense_layers_use_splash_on_a_mesh(libtpu):
+    """attention_impl="auto" on TPU: dense causal attention (with a window) runs the splash kernels."""
+    cfg = load_config("configs/tiny.py", mesh__fsdp=-1, model__attention_impl="auto", train__seq_len=256,
+                      model__sliding_window=100)
+    rep = aot.compile_train_step(cfg, "v5e-4", log=lambda *_: None)
+    assert rep.fits
+    assert "tpu_custom_call" in rep.compiled.as_text()
 
 
 @pytest.mark.slow

@@ -3,11 +3,13 @@
 Implementations:
 - "xla": plain JAX, the reference every other path is tested against; runs anywhere.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
-- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks
-  (on a CPU host the TPU kernel runs in Pallas' interpreter, for tests); dense masks under "pallas" take
-  the best dense path of the backend.
-- "auto": cuDNN for dense masks on GPU, Pallas for block-sparse masks on TPU and on GPU where the
-  Mosaic GPU kernels take the inputs (bf16/f16, head_dim 64 or 128, 64-token blocks), else XLA.
+- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks, and
+  JAX's splash-attention kernels (`ops/splash.py`) for dense causal self-attention on TPU where the
+  sequence is a multiple of 128 (on a CPU host the TPU kernels run in Pallas' interpreter, for tests);
+  other dense masks take cuDNN on GPU, else XLA.
+- "auto": on GPU cuDNN for dense masks, Pallas for block-sparse masks where the Mosaic GPU kernels take
+  the inputs (bf16/f16, head_dim 64 or 128, 64-token blocks); on TPU the Pallas kernels (splash for
+  dense masks it supports); XLA otherwise.
 
 Shapes: q [B, T, N, H], k and v [B, S, K, H] with K dividing N (grouped-query attention: query head n
 reads kv head n // (N // K)). The mask is described, not materialised: a causal flag, an optional window,
@@ -21,6 +23,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from phi3_jax.ops import splash
 
 IMPLS = ("auto", "xla", "cudnn", "pallas")
 
@@ -61,6 +65,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
     if impl == "pallas" and mask.layout is not None:
         return _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     if impl == "pallas":
+        if _kernel_backend()[0] == "tpu" and splash.supports(q_BTNH, k_BSKH, mask):
+            return _pallas_splash(q_BTNH, k_BSKH, v_BSKH, mask, scale)
         impl = "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
     if impl == "cudnn":
         return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask, scale)
@@ -71,6 +77,8 @@ def _auto_impl(q_BTNH, mask: Mask) -> str:
     backend = jax.default_backend()
     if mask.layout is not None:
         return "pallas" if _is_self_attention(mask) and _blocksparse_kernel_ok(q_BTNH, mask, backend) else "xla"
+    if backend == "tpu" and splash.supports(q_BTNH, q_BTNH, mask):
+        return "pallas"
     return "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
 
 
@@ -173,5 +181,18 @@ def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
                                      segment_ids=segment_ids_BT, backend=backend, interpret=interpret)
 
     # Mosaic kernels cannot be partitioned by XLA: on a mesh each device runs the kernel on its own rows.
+    segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
+    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments)
+
+
+def _pallas_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    from phi3_jax.sharding import batch_parallel
+
+    _, interpret = _kernel_backend()
+
+    def kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
+        m = dataclasses.replace(mask, q_segment_ids=segment_ids_BT)
+        return splash.attention(q_BTNH, k_BSKH, v_BSKH, m, scale, interpret=interpret)
+
     segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
     return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments)
