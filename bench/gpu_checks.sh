@@ -42,9 +42,9 @@ else
   step attention 240 $py bench/attention.py ${ATTENTION_ARGS:---seqs 4096,8192,16384,32768 --flex-seqs 8192} \
     --out bench/RESULTS.md
 fi
-step train 300 $py bench/train_step.py --device gpu --append bench/RESULTS.md
-step train_packed 180 $py bench/train_step.py --device gpu --only jax --packed
-step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --breakdown
-step train_unrolled 180 $py bench/train_step.py --device gpu --only jax --unroll
+step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
+step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
+step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
+step train_scanned 180 $py bench/train_step.py --device gpu --only jax
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"

@@ -9,7 +9,9 @@ Each framework runs in its own child process so neither one's threads or memory 
                                                 # seq 4096, batch 4, bf16: tokens/s and MFU
     python bench/train_step.py                  # CPU: a tiny config against the same peer (ratios only)
     python bench/train_step.py --append bench/RESULTS.md
-    python bench/train_step.py --device gpu --only jax --packed    # one framework, packed rows
+    python bench/train_step.py --device gpu --unroll    # layers unrolled instead of lax.scan (faster on an H100)
+    python bench/train_step.py --device gpu --only jax --packed --breakdown   # one framework, packed rows,
+                                                # and the loss forward / loss + gradients timed alone
 
 By default every row is one document, as on the torch side. `--packed` gives the JAX step segment ids and
 reset positions (four documents a row), the batches the training pipeline makes; the torch peer has no

@@ -1,0 +1,33 @@
+"""The benchmarks stay runnable: each one's CPU mode end to end (timings are not checked)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_step_bench_jax_side():
+    r = _run("bench/train_step.py", "--only", "jax", "--steps", "1", "--warmup", "0", "--layers", "1", "--packed",
+             "--unroll", "--breakdown")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    assert result["packed"] and not result["scan_layers"] and result["tokens_per_s"] > 0
+    assert 0 < result["loss_forward_s"] and 0 < result["loss_and_grads_s"]
+
+
+@pytest.mark.slow
+def test_attention_bench_smoke():
+    r = _run("bench/attention.py", "--seqs", "4096")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decode seq 4096" in r.stdout and "smoke (reference" in r.stdout
