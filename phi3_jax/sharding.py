@@ -239,20 +239,32 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def batch_parallel(fn: Callable, *arrays):
+def batch_parallel(fn: Callable, *arrays, split_heads: bool = False):
     """fn(*arrays), run per batch shard under `shard_map` inside `activation_sharding` on several devices.
 
     For kernels XLA cannot partition (Pallas / Mosaic custom calls): every array is split over the
     activation batch axes on its leading dimension and replicated otherwise, so each device runs the kernel
-    on its own rows. Outside the context, or on one device, it is a plain call.
+    on its own rows. With `split_heads` (kernels whose heads are independent and alike), the [B, T, heads,
+    H] arrays are also split over the activation heads axes (tensor parallelism) where those divide every
+    array's head count, so no device gathers the others' heads. Outside the context, or on one device, it
+    is a plain call. The output is sharded like the first array.
     """
     ctx = _ACTIVATION_CONTEXT.get()
     if ctx is None or ctx[0].size == 1:
         return fn(*arrays)
     mesh, rules = ctx
-    axes = rules["activation_batch"]
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
-    specs = tuple(P(axes, *([None] * (a.ndim - 1))) for a in arrays)
+
+    def mesh_axes(logical):
+        axes = rules[logical]
+        return tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
+
+    batch = mesh_axes("activation_batch")
+    heads = mesh_axes("activation_heads") if split_heads else ()
+    n_heads = math.prod(mesh.shape[a] for a in heads)
+    if n_heads == 1 or any(a.ndim == 4 and a.shape[2] % n_heads for a in arrays):
+        heads = ()
+    specs = tuple(P(batch, None, heads or None, None) if a.ndim == 4 else P(batch, *([None] * (a.ndim - 1)))
+                  for a in arrays)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
 
 

@@ -87,3 +87,21 @@ def test_phi3_model_trains_like_xla_through_splash():
     assert abs(float(loss_x) - float(loss_s)) <= 1e-5 * abs(float(loss_x))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_s)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * max(np.abs(np.asarray(a)).max(), 1e-6), path
+
+
+def test_splash_on_a_tensor_parallel_mesh_keeps_heads_split():
+    from phi3_jax import sharding as shd
+
+    q, k, v, do = _inputs(2, 128, 4, 2, 64, seed=5)
+    seg = jnp.asarray(np.repeat([[1, 2]], [90, 38], axis=1).repeat(2, 0), jnp.int32)
+    mask = Mask(q_segment_ids=seg, window=30)
+    want = _out_and_grads("xla", q, k, v, do, mask, 0.25)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}, jax.devices()[:4])
+    with shd.activation_sharding(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask, scale=0.25, impl="pallas"))(q, k, v))
+        got = jax.jit(lambda *a: _out_and_grads("pallas", *a, mask, 0.25))(q, k, v, do)
+    in_specs = jaxpr.split("shard_map", 1)[1].split("jaxpr=", 1)[0]
+    assert "None, 'tensor', None" in in_specs, in_specs  # heads stay split over the tensor axis
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * max(1.0, float(jnp.abs(w).max())),
+                                   rtol=0, err_msg=name)

@@ -195,4 +195,5 @@ def _pallas_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
         return splash.attention(q_BTNH, k_BSKH, v_BSKH, m, scale, interpret=interpret)
 
     segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
-    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments)
+    # Every head has the same mask, so a tensor-parallel mesh keeps its heads split around the kernel.
+    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments, split_heads=True)

@@ -36,8 +36,11 @@ def _kernel(seq: int, group: int, window: int | None, interpret: bool):
     b = next(b for b in _BLOCKS if seq % b == 0)
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one_head] * group), block_sizes=blocks,
-                                            interpret=interpret)
+    # The kernel keeps its mask tables as arrays and is cached across traces: build them concretely even
+    # when first called inside a trace (e.g. a shard_map body), so no tracer is cached.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one_head] * group), block_sizes=blocks,
+                                                interpret=interpret)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask, scale: float, *, interpret: bool = False):
