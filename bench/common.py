@@ -81,3 +81,43 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def append_entry(path: str, text: str) -> None:
     with open(path, "a") as f:
         f.write("\n" + text)
+
+
+def profile_calls(fn: Callable[[], object], calls: int, log_dir: str, top: int = 25) -> str:
+    """Runs `fn` `calls` times under the JAX profiler and returns a table of the device's busiest ops.
+
+    Reads the Perfetto trace JAX writes (no TensorBoard needed): complete events of the accelerator's
+    processes, summed by op name, per call. On a CPU, where XLA runs on host threads, those threads count.
+    """
+    import collections
+    import gzip
+    import glob
+
+    import jax
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            fn()
+    path = max(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    device = {pid for pid, name in procs.items() if "/device:" in name}
+
+    def counted(e):
+        if device:
+            return e["pid"] in device
+        return "XLA" in threads.get((e["pid"], e["tid"]), "") and "Execute" not in e["name"]
+
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and counted(e):
+            totals[e["name"]] += e.get("dur", 0.0) / 1e3 / calls  # microseconds -> ms per call
+    busy = sum(totals.values())
+    lines = [f"device busy {busy:.2f} ms per call over {len(totals)} op names ({'device' if device else 'host XLA'} "
+             f"events of {path})", "| op | ms per call | share |", "|---|---|---|"]
+    lines += [f"| {name[:90]} | {ms:.3f} | {100 * ms / busy:.1f}% |" for name, ms in totals.most_common(top)]
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env kernels attention train train_packed train_breakdown forward"}
+steps=${STEPS:-"env kernels attention train train_packed train_breakdown train_profile forward"}
 
 step() {
   local name=$1 limit=$2
@@ -46,5 +46,6 @@ step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESU
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
 step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
 step train_scanned 180 $py bench/train_step.py --device gpu --only jax
+step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"

@@ -28,7 +28,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_entry, command_line, cpu_name, print_result, run_frameworks, time_calls  # noqa: E402
+from common import (append_entry, command_line, cpu_name, print_result, profile_calls, run_frameworks,  # noqa: E402
+                    time_calls)
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
                  intermediate_size=8192, num_layers=4, seq=4096, batch=4)
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX rematerialisation")
     p.add_argument("--breakdown", action="store_true",
                    help="JAX: also time the loss forward alone and loss + gradients alone (where the step goes)")
+    p.add_argument("--profile", metavar="DIR", help="JAX: also trace 3 steps into DIR and print the busiest ops")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per framework (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--only", choices=("jax", "torch"), help="run one framework and print its JSON result")
@@ -116,6 +118,8 @@ def bench_jax(args) -> dict:
         for name, fn in (("loss_forward_s", jax.jit(loss)), ("loss_and_grads_s", jax.jit(jax.value_and_grad(loss)))):
             parts[name] = time_calls(lambda: jax.block_until_ready(fn(params, batch)), args.steps, args.warmup)[1]
             print(f"{name}: {parts[name]:.4f} s (full step {median:.4f} s)", flush=True)
+    if args.profile:
+        print(profile_calls(step, 3, args.profile), flush=True)
     tps = B * T / median
     peak = peak_flops(jax.devices()[0])
     flops = cfg.flops_per_token(T)

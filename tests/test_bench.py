@@ -17,10 +17,11 @@ def _run(*args):
 
 
 @pytest.mark.slow
-def test_train_step_bench_jax_side():
+def test_train_step_bench_jax_side(tmp_path):
     r = _run("bench/train_step.py", "--only", "jax", "--steps", "1", "--warmup", "0", "--layers", "1", "--packed",
-             "--unroll", "--breakdown")
+             "--unroll", "--breakdown", "--profile", str(tmp_path / "trace"))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "ms per call" in r.stdout and "| op |" in r.stdout  # the profile's op table
     result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     assert result["packed"] and not result["scan_layers"] and result["tokens_per_s"] > 0
     assert 0 < result["loss_forward_s"] and 0 < result["loss_and_grads_s"]
