@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
 # the Mosaic GPU kernel tests, bench/attention.py (with its correctness checks), bench/train_step.py
-# and bench/forward.py at phi-3-mini width. Steps run in order of importance, each under its own time
-# limit; a failing step is logged and the next one still runs. Results are appended to bench/RESULTS.md.
+# (against transformers, then JAX-only variants: packed rows, the forward / backward split, scanned
+# layers, a profile of the busiest ops) and bench/forward.py at phi-3-mini width. Steps run in order of
+# importance, each under its own time limit; a failing step is logged and the next one still runs.
+# Results are appended to bench/RESULTS.md; the variants print to the log only.
 #
 #   bash bench/gpu_checks.sh [OUTDIR]      # log: OUTDIR/gpu_checks.log (default $OUT or /tmp/phi3_gpu)
-#   STEPS="kernels attention" bash bench/gpu_checks.sh    # a subset
+#   STEPS="kernels attention" bash bench/gpu_checks.sh    # a subset (names: the `step` lines below;
+#                                                         # train_scanned runs only when named)
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
