@@ -1,13 +1,13 @@
-"""A minimal sampler: greedy or temperature sampling, without a KV cache.
+"""Sampling with a KV cache: greedy, temperature and top-k, for one prompt or a batch of prompts.
 
-Each new token recomputes the whole prefix: the sequence lives in a fixed buffer of `total` tokens
-(prompt + max_new_tokens, rounded up to a multiple of 64 so that prompts of similar length share one
-compilation), and a `lax.fori_loop` inside one jit runs the model over the full buffer at every step and
-reads the logits at the last filled position. Causal attention makes the unfilled tail invisible to the
-positions that matter, so the result equals step-by-step decoding. O(n^2) work: fine for showing what a
-small model learned; a KV-cache decoder replaces it for real use.
+One jit per (prompt bucket, capacity, sampling settings): the prompts are padded to a multiple of
+`bucket` tokens and prefilled in one forward pass; each row's cache length is then set to its real
+prompt length, so the padding slots are overwritten by the first generated tokens and never seen
+before (causality hides them). A `lax.scan` then feeds one token per row per step. Rows need not have
+equal prompt lengths.
 
     text = sample_text(model, tokenizer, "Title: Arithmetic practice", max_new_tokens=100)
+    new_ids = generate_batch(model, [prompt_a, prompt_b], max_new_tokens=32, temperature=0.8, top_k=40)
 """
 from __future__ import annotations
 
@@ -18,56 +18,70 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax.model.cache import KVCache, init_cache
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "total", "temperature", "top_k"))
-def _decode(graphdef, params, buf_1T, key, *, prompt_len: int, total: int, temperature: float, top_k: int):
+
+def _sample(logits_BV, key, temperature: float, top_k: int):
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature <= 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "new_tokens", "temperature", "top_k"))
+def _generate(graphdef, params, prompt_BP, lengths_B, key, *, capacity: int, new_tokens: int, temperature: float,
+              top_k: int):
     model = nnx.merge(graphdef, params)
+    B = prompt_BP.shape[0]
+    logits_BPV, cache = model(prompt_BP, cache=init_cache(model.cfg, B, capacity))
+    cache = KVCache(cache.k_LBSKH, cache.v_LBSKH, lengths_B)
+    last_BV = logits_BPV[jnp.arange(B), lengths_B - 1]
 
-    def step(t, carry):
-        buf_1T, key = carry
-        logits_V = model(buf_1T)[0, t - 1].astype(jnp.float32)
-        if temperature <= 0.0:
-            nxt = jnp.argmax(logits_V)
-        else:
-            key, sub = jax.random.split(key)
-            logits_V = logits_V / temperature
-            if top_k > 0:
-                kth = jax.lax.top_k(logits_V, top_k)[0][-1]
-                logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
-            nxt = jax.random.categorical(sub, logits_V)
-        return buf_1T.at[0, t].set(nxt.astype(buf_1T.dtype)), key
+    def step(carry, _):
+        cache, logits_BV, key = carry
+        key, sub = jax.random.split(key)
+        next_B = _sample(logits_BV, sub, temperature, top_k)
+        logits_B1V, cache = model(next_B[:, None], cache=cache)
+        return (cache, logits_B1V[:, 0], key), next_B
 
-    buf_1T, _ = jax.lax.fori_loop(prompt_len, total, step, (buf_1T, key))
-    return buf_1T
+    _, tokens_NB = jax.lax.scan(step, (cache, last_BV, key), None, length=new_tokens)
+    return tokens_NB.T
 
 
-def generate_ids(model, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 bucket: int = 64) -> list[int]:
-    """The new token ids after `prompt_ids` (cut before the first stop id).
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                   top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                   bucket: int = 64) -> list[list[int]]:
+    """The new token ids after each prompt, each cut before its first stop id.
 
-    `model` is a Decoder, or a (graphdef, params) pair as the trainer holds them.
+    `model` is a Decoder, or a (graphdef, params) pair as the trainer holds them. temperature 0 is greedy.
     """
-    if isinstance(model, tuple):
-        graphdef, params = model
-    else:
-        graphdef, params = nnx.split(model)
-    prompt_ids = list(prompt_ids)
-    if not prompt_ids:
-        raise ValueError("generate: the prompt must hold at least one token")
+    graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("generate: every prompt must hold at least one token")
     if max_new_tokens <= 0:
-        return []
-    need = len(prompt_ids) + max_new_tokens
-    total = -(-need // bucket) * bucket
-    buf = jnp.full((1, total), pad_id, jnp.int32).at[0, :len(prompt_ids)].set(jnp.asarray(prompt_ids, jnp.int32))
-    out = _decode(graphdef, params, buf, jax.random.key(seed), prompt_len=len(prompt_ids), total=need,
-                  temperature=float(temperature), top_k=int(top_k))
-    new = [int(t) for t in jax.device_get(out)[0, len(prompt_ids):need]]
+        return [[] for _ in prompts]
+    padded = -(-max(len(p) for p in prompts) // bucket) * bucket
+    capacity = -(-(padded + max_new_tokens) // bucket) * bucket
+    prompt_BP = jnp.asarray([p + [pad_id] * (padded - len(p)) for p in prompts], jnp.int32)
+    lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    out_BN = _generate(graphdef, params, prompt_BP, lengths_B, jax.random.key(seed), capacity=capacity,
+                       new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k))
     stops = set(int(s) for s in stop_ids)
-    for i, t in enumerate(new):
-        if t in stops:
-            return new[:i]
-    return new
+    results = []
+    for row in jax.device_get(out_BN).tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def generate_ids(model, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """The new token ids after one prompt (see `generate_batch` for the options)."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, **kwargs)[0]
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.0,

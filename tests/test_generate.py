@@ -1,8 +1,9 @@
-"""The minimal sampler: the padded, full-recompute decode equals naive step-by-step greedy decoding."""
+"""The KV-cache sampler equals naive greedy decoding that recomputes the whole prefix every token."""
 import jax
 import jax.numpy as jnp
+import pytest
 
-from phi3_jax.generate import generate_ids, sample_text
+from phi3_jax.generate import generate_batch, generate_ids, sample_text
 from phi3_jax.model import get_preset, init_model
 
 
@@ -21,6 +22,22 @@ def test_greedy_matches_naive_decode():
     got = generate_ids(model, prompt, 10)
     assert got == _naive_greedy(model, prompt, 10)
     assert len(got) == 10
+
+
+@pytest.mark.slow
+def test_batch_of_prompts_of_different_lengths():
+    """Each row equals its own single-prompt greedy decode, including a prompt longer than the bucket."""
+    cfg = get_preset("phi-3-small-tiny", vocab_size=96, initializer_range=0.5, attention_impl="xla")
+    model = init_model(cfg, seed=4)
+    prompts = [[5, 9, 2, 33, 7, 1, 60], [3], list(range(10, 80))]
+    got = generate_batch(model, prompts, 9, bucket=64)
+    assert got == [_naive_greedy(model, p, 9) for p in prompts]
+
+
+def test_top_k_one_is_greedy():
+    cfg = get_preset("phi-3-tiny", vocab_size=64, initializer_range=0.5, attention_impl="xla")
+    model = init_model(cfg, seed=3)
+    assert generate_ids(model, [4, 4, 8], 8, temperature=0.7, top_k=1, seed=5) == generate_ids(model, [4, 4, 8], 8)
 
 
 def test_stop_ids_and_sampling():

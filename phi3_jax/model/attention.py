@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi3_jax import sharding as shd
+from phi3_jax.model import cache
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import Linear, apply_rope
 from phi3_jax.ops import Mask, attention
@@ -42,15 +43,26 @@ class Attention(nnx.Module):
         self.qkv_proj = Linear(D, cfg.qkv_features, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto"):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto",
+                 kv_cache=None):
+        """Self-attention output [B, T, D]; with `kv_cache` = (k_BSKH, v_BSKH, lengths_B, positions_BT), the
+        new keys and values are written into the cache first and (output, (k_BSKH, v_BSKH)) is returned."""
         cfg = self.cfg
         q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
         q_BTNH = shd.constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), shd.ACT_BTNH)
         k_BTKH = shd.constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), shd.ACT_BTKH)
         v_BTKH = shd.constrain(v_BTKH, shd.ACT_BTKH)
-        mask = Mask(q_segment_ids=segment_ids_BT, causal=True,
-                    window=None if layout is not None else window_bound(cfg), layout=layout)
+        window = None if layout is not None else window_bound(cfg)
+        if kv_cache is None:
+            mask = Mask(q_segment_ids=segment_ids_BT, causal=True, window=window, layout=layout)
+        else:
+            k_BSKH, v_BSKH, lengths_B, positions_BT = kv_cache
+            k_BTKH, v_BTKH = cache.write(k_BSKH, k_BTKH, lengths_B), cache.write(v_BSKH, v_BTKH, lengths_B)
+            # Keys sit at their positions; slots past a row's last written token lie after its queries.
+            mask = Mask(q_index=positions_BT, kv_index=jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), causal=True,
+                        window=window, layout=layout)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
         o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
         B, T = x_BTD.shape[:2]
-        return self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))
+        out_BTD = self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))
+        return out_BTD if kv_cache is None else (out_BTD, (k_BTKH, v_BTKH))

@@ -15,6 +15,7 @@ from flax import nnx
 
 from phi3_jax import sharding as shd
 from phi3_jax.model.attention import Attention
+from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dtype_of, rope_tables
 
@@ -26,14 +27,18 @@ class Block(nnx.Module):
         self.post_attention_layernorm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None):
+        """[B, T, D] -> [B, T, D]; with `kv_cache` (see Attention) -> ([B, T, D], updated (k, v))."""
         # Residual stream pinned at the sublayer boundaries (no-op outside shd.activation_sharding).
         x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH,
-                                       segment_ids_BT=segment_ids_BT, layout=layout, impl=impl)
-        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, segment_ids_BT=segment_ids_BT,
+                               layout=layout, impl=impl, kv_cache=kv_cache)
+        if kv_cache is not None:
+            a_BTD, kv = a_BTD
+        x_BTD = shd.constrain(x_BTD + a_BTD, shd.ACT_BTD)
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        return shd.constrain(x_BTD, shd.ACT_BTD)
+        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        return x_BTD if kv_cache is None else (x_BTD, kv)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -70,20 +75,29 @@ class Decoder(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg, rngs=rngs))
 
-    def __call__(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None):
+    def __call__(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None,
+                 cache=None):
+        """Logits [B, T, vocab] (float32); with `cache` (a `KVCache`), (logits, the cache with these tokens)."""
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2 or not jnp.issubdtype(input_ids_BT.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids_BT.dtype}{input_ids_BT.shape}")
         if isinstance(input_ids_BT, jax.core.Tracer):
-            return self.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
+            return self.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
+                                cache=cache)
         # Called eagerly: run through one cached jit instead of re-tracing the layer scan every call.
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, impl)
+        return _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, cache, impl)
 
-    def forward(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None):
+    def forward(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None,
+                cache=None):
         cfg = self.cfg
         B, T = input_ids_BT.shape
         impl = impl or cfg.attention_impl
+        if cache is not None:
+            if segment_ids_BT is not None:
+                raise ValueError("a forward with a KV cache takes no segment ids (one document per row)")
+            if positions_BT is None:  # tokens continue each row where its cache ends
+                positions_BT = cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         # The embedding gather would otherwise hand the table's fsdp-sharded hidden dimension to the
@@ -93,7 +107,8 @@ class Decoder(nnx.Module):
             x_BTD = x_BTD * jnp.asarray(cfg.embedding_multiplier, x_BTD.dtype)
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT, dtype_of(cfg.dtype))
         cos_BTH, sin_BTH = shd.constrain(cos_BTH, shd.ACT_BTH), shd.constrain(sin_BTH, shd.ACT_BTH)
-        x_BTD = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl)
+        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B, positions_BT)
+        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv)
         x_BTD = shd.constrain(self.norm(x_BTD), shd.ACT_BTD)
         if self.lm_head is None:
             logits_BTV = self.embed_tokens.attend(x_BTD)
@@ -105,36 +120,58 @@ class Decoder(nnx.Module):
         if cfg.dummy_token_ids:
             dummy_V = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.dummy_token_ids)].set(True)
             logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
-        return logits_BTV
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, KVCache(*kv, cache.lengths_B + T)
 
-    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl):
+    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None):
+        """x after every layer, and with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT) the updated
+        (k_LBSKH, v_LBSKH) (else None)."""
         cfg = self.cfg
         P = cfg.layer_period
         layout = blocksparse_layout(cfg) if cfg.dense_attention_every_n_layers else None
         layouts = [layout if cfg.layer_is_sparse(j) else None for j in range(P)]
         graphdef, state = nnx.split(self.layers)
-        state_SP = jax.tree.map(lambda a: a.reshape(cfg.num_layers // P, P, *a.shape[1:]), state)
+        by_step = lambda a: a.reshape(cfg.num_layers // P, P, *a.shape[1:])  # noqa: E731
+        xs = jax.tree.map(by_step, state)
+        if kv is not None:
+            xs = (xs, by_step(kv[0]), by_step(kv[1]))
 
-        def step(x_BTD, st_P):
+        def step(x_BTD, xs_P):
+            st_P, kv_P = (xs_P, None) if kv is None else (xs_P[0], xs_P[1:])
+            new_kv = []
             for j in range(P):
                 block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], st_P))
-                x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl)
-            return x_BTD, None
+                if kv is None:
+                    x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl)
+                else:
+                    x_BTD, kv_j = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
+                                        kv_cache=(kv_P[0][j], kv_P[1][j], kv[2], kv[3]))
+                    new_kv.append(kv_j)
+            if kv is None:
+                return x_BTD, None
+            return x_BTD, tuple(jnp.stack([c[i] for c in new_kv]) for i in range(2))
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(step, x_BTD, state_SP)
+            x_BTD, kv_SP = jax.lax.scan(step, x_BTD, xs)
         else:
+            outs = []
             for s in range(cfg.num_layers // P):
-                x_BTD, _ = step(x_BTD, jax.tree.map(lambda a: a[s], state_SP))
-        return x_BTD
+                x_BTD, out = step(x_BTD, jax.tree.map(lambda a: a[s], xs))
+                outs.append(out)
+            kv_SP = None if kv is None else tuple(jnp.stack([o[i] for o in outs]) for i in range(2))
+        if kv is None:
+            return x_BTD, None
+        return x_BTD, tuple(a.reshape(cfg.num_layers, *a.shape[2:]) for a in kv_SP)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, impl):
+def _jitted_forward(graphdef, state, input_ids_BT, positions_BT, segment_ids_BT, cache, impl):
     model = nnx.merge(graphdef, state)
-    return model.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
+    return model.forward(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
+                         cache=cache)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
