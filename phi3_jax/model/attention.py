@@ -58,9 +58,9 @@ class Attention(nnx.Module):
         else:
             k_BSKH, v_BSKH, lengths_B, positions_BT = kv_cache
             k_BTKH, v_BTKH = cache.write(k_BSKH, k_BTKH, lengths_B), cache.write(v_BSKH, v_BTKH, lengths_B)
-            # Keys sit at their positions; slots past a row's last written token lie after its queries.
-            mask = Mask(q_index=positions_BT, kv_index=jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), causal=True,
-                        window=window, layout=layout)
+            # Cache slot s holds position s (kv_index None); slots past a row's last written token lie
+            # after its queries, so causality hides them.
+            mask = Mask(q_index=positions_BT, causal=True, window=window, layout=layout)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
         o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
         B, T = x_BTD.shape[:2]

@@ -62,6 +62,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
         impl = _auto_impl(q_BTNH, mask)
+    if impl == "pallas" and mask.layout is not None and _is_cache_decode(q_BTNH, mask):
+        return _pallas_decode(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     if impl == "pallas" and mask.layout is not None:
         return _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     if impl == "pallas":
@@ -76,6 +78,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
 def _auto_impl(q_BTNH, mask: Mask) -> str:
     backend = jax.default_backend()
     if mask.layout is not None:
+        if _is_cache_decode(q_BTNH, mask):
+            return "pallas" if backend == "tpu" else "xla"
         return "pallas" if _is_self_attention(mask) and _blocksparse_kernel_ok(q_BTNH, mask, backend) else "xla"
     if backend == "tpu" and splash.supports(q_BTNH, q_BTNH, mask):
         return "pallas"
@@ -97,6 +101,12 @@ def _kernel_backend() -> tuple[str, bool]:
     Pallas' interpreter."""
     platform = jax.default_backend()
     return (platform, False) if platform in ("gpu", "tpu") else ("tpu", True)
+
+
+def _is_cache_decode(q_BTNH, mask: Mask) -> bool:
+    """One new token per row against a KV cache whose slot s holds position s (the decode kernel's case)."""
+    return (q_BTNH.shape[1] == 1 and mask.q_index is not None and mask.kv_index is None and mask.causal
+            and mask.window is None and mask.q_segment_ids is None and mask.kv_segment_ids is None)
 
 
 def _is_self_attention(mask: Mask) -> bool:
@@ -197,3 +207,22 @@ def _pallas_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
     # Every head has the same mask, so a tensor-parallel mesh keeps its heads split around the kernel.
     return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments, split_heads=True)
+
+
+def _pallas_decode(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    """The block-sparse decode kernel: reads only the cache blocks the heads' patterns need."""
+    from pallas_kernels.blocksparse.decode import blocksparse_decode
+    from phi3_jax.sharding import batch_parallel
+
+    backend, interpret = _kernel_backend()
+    if backend != "tpu":
+        raise ValueError("attention: the block-sparse decode kernel runs on TPU (or interpreted on CPU); "
+                         "use impl='xla' on GPU")
+
+    def kernel(q_BTNH, k_BSKH, v_BSKH, positions_BT):
+        o_BNH = blocksparse_decode(q_BTNH[:, 0], k_BSKH, v_BSKH, positions_BT[:, 0] + 1, layout=mask.layout,
+                                   sm_scale=scale, backend="tpu", interpret=interpret)
+        return o_BNH[:, None].astype(q_BTNH.dtype)
+
+    positions_BT = jnp.broadcast_to(jnp.asarray(mask.q_index, jnp.int32), q_BTNH.shape[:2])
+    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, positions_BT)
