@@ -3,7 +3,8 @@
 Implementations:
 - "xla": plain JAX, the reference every other path is tested against; runs anywhere.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
-- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks, and
+- "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks (their
+  TPU decode kernel for one-token steps against a KV cache: q_index set, kv_index None), and
   JAX's splash-attention kernels (`ops/splash.py`) for dense causal self-attention on TPU where the
   sequence is a multiple of 128 (on a CPU host the TPU kernels run in Pallas' interpreter, for tests);
   other dense masks take cuDNN on GPU, else XLA.
