@@ -253,19 +253,34 @@ def batch_parallel(fn: Callable, *arrays, split_heads: bool = False):
     if ctx is None or ctx[0].size == 1:
         return fn(*arrays)
     mesh, rules = ctx
-
-    def mesh_axes(logical):
-        axes = rules[logical]
-        return tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
-
-    batch = mesh_axes("activation_batch")
-    heads = mesh_axes("activation_heads") if split_heads else ()
-    n_heads = math.prod(mesh.shape[a] for a in heads)
-    if n_heads == 1 or any(a.ndim == 4 and a.shape[2] % n_heads for a in arrays):
-        heads = ()
+    batch = _context_axes(mesh, rules, "activation_batch")
+    heads = _head_axes(mesh, rules, arrays) if split_heads else ()
     specs = tuple(P(batch, None, heads or None, None) if a.ndim == 4 else P(batch, *([None] * (a.ndim - 1)))
                   for a in arrays)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
+
+
+def head_shards(*arrays) -> int:
+    """Into how many slices `batch_parallel(..., split_heads=True)` would cut these arrays' heads (1: none)."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None or ctx[0].size == 1:
+        return 1
+    mesh, rules = ctx
+    return math.prod(mesh.shape[a] for a in _head_axes(mesh, rules, arrays))
+
+
+def _context_axes(mesh: Mesh, rules: Mapping[str, Any], logical: str) -> tuple[str, ...]:
+    axes = rules[logical]
+    return tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
+
+
+def _head_axes(mesh: Mesh, rules: Mapping[str, Any], arrays) -> tuple[str, ...]:
+    """The activation heads axes, where they divide the head count of every [B, T, heads, H] array."""
+    heads = _context_axes(mesh, rules, "activation_heads")
+    n = math.prod(mesh.shape[a] for a in heads)
+    if n == 1 or any(a.ndim == 4 and a.shape[2] % n for a in arrays):
+        return ()
+    return heads
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

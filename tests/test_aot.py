@@ -123,6 +123,16 @@ def test_phi3small_pallas_kernel_on_a_mesh(libtpu):
 
 @pytest.mark.slow
 @pytest.mark.tpu
+def test_phi3small_kernels_on_a_tensor_parallel_mesh(libtpu):
+    """Heads stay split over `tensor` around the block-sparse and splash kernels (seq 256: splash applies)."""
+    cfg = load_config("configs/phi3_small.py:tiny", mesh__fsdp=2, mesh__tensor=2, train__seq_len=256)
+    rep = aot.compile_train_step(cfg, "v5e-4", log=lambda *_: None)
+    assert rep.fits
+    assert "tpu_custom_call" in rep.compiled.as_text()
+
+
+@pytest.mark.slow
+@pytest.mark.tpu
 def test_dense_layers_use_splash_on_a_mesh(libtpu):
     """attention_impl="auto" on TPU: dense causal attention (with a window) runs the splash kernels."""
     cfg = load_config("configs/tiny.py", mesh__fsdp=-1, model__attention_impl="auto", train__seq_len=256,

@@ -163,3 +163,14 @@ def test_kv_and_q_block_lists_agree_with_block_mask():
 def test_layout_validates():
     with pytest.raises(ValueError, match="block_size"):
         Layout(block_size=0)
+
+
+def test_shard_keeps_the_patterns_of_each_slice():
+    released = Layout()  # 32 heads, stride 8: offsets (h + 1) % 8
+    for parts in (1, 2, 4):
+        local = released.shard(parts)
+        assert local is not None and local.num_heads == 32 // parts
+        np.testing.assert_array_equal(np.tile(local.head_offsets(), parts), released.head_offsets())
+    assert released.shard(8) is None  # 4 heads a slice: the local layout would step by 2, not 1
+    assert released.shard(3) is None  # does not divide the heads
+    assert Layout(num_heads=6, homo_head=True).shard(3).num_heads == 2

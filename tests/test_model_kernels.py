@@ -105,3 +105,37 @@ def test_auto_picks_the_gpu_kernel_only_for_inputs_it_takes(monkeypatch):
     assert attn._auto_impl(q16.astype(jnp.float32), mask) == "xla"
     assert attn._auto_impl(jnp.zeros((1, 128, 4, 96), jnp.bfloat16), mask) == "xla"
     assert attn._auto_impl(q16, attn.Mask(layout=Layout(block_size=32, num_heads=4))) == "xla"
+
+
+@pytest.mark.parametrize("layout,split", [
+    (dict(num_heads=8, vert_stride=4, local_blocks=2, block_size=16), True),  # each half of the heads alike
+    (dict(num_heads=4, vert_stride=8, local_blocks=1, block_size=16), False),  # halves differ: heads gathered
+])
+def test_blocksparse_kernel_on_a_tensor_parallel_mesh(layout, split):
+    from pallas_kernels.blocksparse import Layout
+    from phi3_jax import sharding as shd
+    from phi3_jax.ops import Mask, attention
+
+    layout = Layout(**layout)
+    N = layout.num_heads
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (2, 96, N, 16), jnp.float32)
+    k, v = (jax.random.normal(kk, (2, 96, 2, 16), jnp.float32) for kk in ks[1:3])
+    do = jax.random.normal(ks[3], q.shape, jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2]], [60, 36], axis=1).repeat(2, 0), jnp.int32)
+    mask = Mask(q_segment_ids=seg, layout=layout)
+
+    def out_and_grads(impl, q, k, v, do):
+        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, scale=0.3, impl=impl), q, k, v)
+        return [out, *vjp(do)]
+
+    want = out_and_grads("xla", q, k, v, do)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}, jax.devices()[:4])
+    with shd.activation_sharding(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask, scale=0.3, impl="pallas"))(q, k, v))
+        got = jax.jit(lambda *a: out_and_grads("pallas", *a))(q, k, v, do)
+    in_specs = jaxpr.split("shard_map", 1)[1].split("jaxpr=", 1)[0]
+    assert ("None, 'tensor', None" in in_specs) == split, in_specs
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * max(1.0, float(jnp.abs(w).max())),
+                                   rtol=0, err_msg=name)

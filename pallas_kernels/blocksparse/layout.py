@@ -59,6 +59,21 @@ class Layout:
         offsets, head_to_pattern = np.unique(self.head_offsets(), return_inverse=True)
         return offsets, head_to_pattern.reshape(-1)
 
+    def shard(self, parts: int) -> "Layout | None":
+        """The layout of each of `parts` equal, contiguous slices of the heads (tensor parallelism), or None
+        where the slices do not all repeat one pattern sequence (then a kernel needs the global head index).
+
+        Heads only differ through their vertical offset, so with the released layout (stride 8, 32 heads)
+        any slice of a multiple of 8 heads is the same layout with fewer heads.
+        """
+        if parts == 1:
+            return self
+        if self.num_heads % parts:
+            return None
+        local = dataclasses.replace(self, num_heads=self.num_heads // parts)
+        same = (self.head_offsets().reshape(parts, -1) == local.head_offsets()[None]).all()
+        return local if same else None
+
     # ---- block level -------------------------------------------------------------------------------
 
     def block_mask(self, num_blocks: int) -> np.ndarray:

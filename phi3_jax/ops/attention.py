@@ -183,17 +183,20 @@ def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
 
     if mask.window is not None or not mask.causal:
         raise ValueError("attention: block-sparse kernels are causal and take no window")
-    from phi3_jax.sharding import batch_parallel
+    from phi3_jax.sharding import batch_parallel, head_shards
 
     backend, interpret = _kernel_backend()
+    # A tensor-parallel mesh keeps heads split around the kernel where every slice of heads has the same
+    # patterns (the kernels index patterns by local head); otherwise each device gathers all heads.
+    local_layout = mask.layout.shard(head_shards(q_BTNH, k_BSKH, v_BSKH))
 
     def kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
-        return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=mask.layout, sm_scale=scale,
+        return blocksparse_attention(q_BTNH, k_BSKH, v_BSKH, layout=local_layout or mask.layout, sm_scale=scale,
                                      segment_ids=segment_ids_BT, backend=backend, interpret=interpret)
 
     # Mosaic kernels cannot be partitioned by XLA: on a mesh each device runs the kernel on its own rows.
     segments = () if mask.q_segment_ids is None else (mask.q_segment_ids,)
-    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments)
+    return batch_parallel(kernel, q_BTNH, k_BSKH, v_BSKH, *segments, split_heads=local_layout is not None)
 
 
 def _pallas_splash(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
