@@ -200,25 +200,39 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: dict, ste
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig a Hugging Face folder, checkpoint or training workdir was saved with."""
-    import orbax.checkpoint as ocp
-
     src = resolve(path)
     if src.kind == "hf":
         from phi3_jax.convert.hf import read_hf_config
 
         return read_hf_config(src.path)
     _require_item(src, CONFIG_ITEM)
-    try:
-        with _manager(src.path) as mngr:
-            d = mngr.restore(src.step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
-    except Exception as e:
-        raise CheckpointError(f"{src.step_dir}/{CONFIG_ITEM}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{src.step_dir}/{CONFIG_ITEM}: expected a JSON object")
+    d = _read_json_item(src, CONFIG_ITEM)
     try:
         return ModelConfig.from_dict(d)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{src.step_dir}/{CONFIG_ITEM}: {e}") from None
+
+
+def read_train_config(path: str | os.PathLike) -> dict | None:
+    """The resolved training config a training checkpoint was saved with (None for an HF folder or a
+    checkpoint written by `save_model`, which carry none)."""
+    src = resolve(path)
+    if src.kind == "hf" or not (src.step_dir / TRAIN_CONFIG_ITEM).is_dir():
+        return None
+    return _read_json_item(src, TRAIN_CONFIG_ITEM)
+
+
+def _read_json_item(src: Source, item: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        with _manager(src.path) as mngr:
+            d = mngr.restore(src.step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except Exception as e:
+        raise CheckpointError(f"{src.step_dir}/{item}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{src.step_dir}/{item}: expected a JSON object")
+    return d
 
 
 def restore_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str | None = None, shardings=None) -> dict:

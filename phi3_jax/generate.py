@@ -8,10 +8,17 @@ equal prompt lengths.
 
     text = sample_text(model, tokenizer, "Title: Arithmetic practice", max_new_tokens=100)
     new_ids = generate_batch(model, [prompt_a, prompt_b], max_new_tokens=32, temperature=0.8, top_k=40)
+
+From the command line, for an HF folder, a phi3_jax checkpoint or a training workdir (the tokenizer is the
+one the run trained with, or the folder's tokenizer.json, unless --tokenizer names one):
+
+    python -m phi3_jax.generate --ckpt /tmp/phi3_tiny --prompt "Exercise 1: What is 12 + 7?" --max_new_tokens 60
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import sys
 from typing import Sequence
 
 import jax
@@ -94,3 +101,72 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, tem
     new = generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                        stop_ids=stop, pad_id=tokenizer.pad_id)
     return tokenizer.decode(new, skip_special=True)
+
+
+def tokenizer_for(path, spec: str | None = None):
+    """The tokenizer to sample from the model at `path` with: `spec` ("KIND" or "KIND:PATH") if given, else
+    the training run's (from its saved config), else an HF folder's tokenizer.json."""
+    from phi3_jax.checkpoint import read_train_config, resolve
+    from phi3_jax.data import make_tokenizer
+    from phi3_jax.data.pipeline import make_tokenizer_from_config
+
+    if spec:
+        kind, _, file = spec.partition(":")
+        return make_tokenizer(kind, file or None)
+    train_config = read_train_config(path)
+    if train_config is not None:
+        return make_tokenizer_from_config(train_config.get("data"))
+    src = resolve(path)
+    if src.kind == "hf" and (src.path / "tokenizer.json").is_file():
+        return make_tokenizer("hf", str(src.path / "tokenizer.json"))
+    raise ValueError(f"{path}: no tokenizer recorded (no training config, no tokenizer.json); pass --tokenizer "
+                     "KIND[:PATH] (byte, sentencepiece, hf, tiktoken)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m phi3_jax.generate",
+                                description="Sample continuations of prompts from a Hugging Face folder, a phi3_jax "
+                                            "checkpoint or a training workdir (its latest checkpoint).")
+    p.add_argument("--ckpt", required=True, help="HF folder, checkpoint or training workdir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--tokenizer", help="KIND or KIND:PATH (default: the one the checkpoint was trained with)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the weights (default: as saved)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from phi3_jax.checkpoint import CheckpointError, load_model
+    from phi3_jax.model.config import ConfigError
+
+    try:
+        model = load_model(args.ckpt, args.dtype)
+        tok = tokenizer_for(args.ckpt, args.tokenizer)
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model {model.cfg.vocab_size}: pass the "
+                             "--tokenizer the model was trained with")
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+                   for p in args.prompt]
+    else:
+        prompts = [tok.encode(p) or [tok.bos_id] for p in args.prompt]
+    stop = tuple(getattr(tok, "stop_ids", ()) or (tok.eos_id,))
+    outs = generate_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          seed=args.seed, stop_ids=stop, pad_id=tok.pad_id)
+    for text, new in zip(args.prompt, outs):
+        print(text + tok.decode(new, skip_special=True))
+        if len(outs) > 1:
+            print("-" * 40)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

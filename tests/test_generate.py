@@ -58,3 +58,30 @@ def test_sample_text_with_byte_tokenizer():
     cfg = get_preset("phi-3-tiny", vocab_size=tok.vocab_size, attention_impl="xla")
     text = sample_text(init_model(cfg), tok, "Exercise 1:", max_new_tokens=8)
     assert isinstance(text, str)
+
+
+def test_cli_on_a_checkpoint_and_a_workdir(tmp_path, capsys):
+    from train_helpers import load_config
+
+    from phi3_jax.checkpoint import model_params, save_model
+    from phi3_jax.data import make_tokenizer
+    from phi3_jax.generate import main
+    from phi3_jax.train import run
+
+    tok = make_tokenizer("byte")
+    cfg = get_preset("phi-3-tiny", vocab_size=tok.vocab_size, attention_impl="xla")
+    save_model(tmp_path / "ckpt", cfg, model_params(init_model(cfg)))
+    # A bare checkpoint records no tokenizer: one error naming the flag.
+    assert main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "Hi"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "Hi", "--prompt", "Bye", "--tokenizer", "byte",
+                 "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hi") and "\nBye" in out
+    # A training workdir: the tokenizer comes from the run's saved config.
+    c = load_config("tiny", "test")
+    c.train.steps = 2
+    run(c, str(tmp_path / "wd"))
+    capsys.readouterr()
+    assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "Exercise 1:", "--max_new_tokens", "4", "--chat"]) == 0
+    assert capsys.readouterr().out.startswith("Exercise 1:")
