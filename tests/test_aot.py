@@ -105,39 +105,19 @@ def test_tiny_configs_fit(libtpu, config, overrides, topology):
 
 @pytest.mark.slow
 @pytest.mark.tpu
-def test_phi3small_pallas_kernel_on_one_chip(libtpu):
-    """attention_impl="auto" traces as on a TPU: the block-sparse layers run the Mosaic kernel."""
-    rep = aot.compile_train_step(load_config("configs/phi3_small.py:tiny"), "v5p:1x1x1", log=lambda *_: None)
-    assert rep.fits
-    assert "tpu_custom_call" in rep.compiled.as_text()
-
-
-@pytest.mark.slow
-@pytest.mark.tpu
-def test_phi3small_pallas_kernel_on_a_mesh(libtpu):
-    """The block-sparse kernel runs per batch shard (shard_map), so `auto` lowers on a multi-chip mesh."""
-    rep = aot.compile_train_step(load_config("configs/phi3_small.py:tiny", mesh__fsdp=-1), "v5e-4",
-                                 log=lambda *_: None)
-    assert rep.fits
-
-
-@pytest.mark.slow
-@pytest.mark.tpu
-def test_phi3small_kernels_on_a_tensor_parallel_mesh(libtpu):
-    """Heads stay split over `tensor` around the block-sparse and splash kernels (seq 256: splash applies)."""
-    cfg = load_config("configs/phi3_small.py:tiny", mesh__fsdp=2, mesh__tensor=2, train__seq_len=256)
-    rep = aot.compile_train_step(cfg, "v5e-4", log=lambda *_: None)
-    assert rep.fits
-    assert "tpu_custom_call" in rep.compiled.as_text()
-
-
-@pytest.mark.slow
-@pytest.mark.tpu
-def test_dense_layers_use_splash_on_a_mesh(libtpu):
-    """attention_impl="auto" on TPU: dense causal attention (with a window) runs the splash kernels."""
-    cfg = load_config("configs/tiny.py", mesh__fsdp=-1, model__attention_impl="auto", train__seq_len=256,
-                      model__sliding_window=100)
-    rep = aot.compile_train_step(cfg, "v5e-4", log=lambda *_: None)
+@pytest.mark.parametrize("config,overrides,topology", [
+    # The block-sparse layers run the Mosaic kernel ("auto" traces as on a TPU).
+    ("configs/phi3_small.py:tiny", {}, "v5p:1x1x1"),
+    # It runs per batch shard (shard_map), so it lowers on a multi-chip mesh.
+    ("configs/phi3_small.py:tiny", {"mesh__fsdp": -1}, "v5e-4"),
+    # Heads stay split over `tensor` around the block-sparse and splash kernels (seq 256: splash applies).
+    ("configs/phi3_small.py:tiny", {"mesh__fsdp": 2, "mesh__tensor": 2, "train__seq_len": 256}, "v5e-4"),
+    # Dense causal attention (with a window) runs the splash kernels.
+    ("configs/tiny.py", {"mesh__fsdp": -1, "model__attention_impl": "auto", "train__seq_len": 256,
+                         "model__sliding_window": 100}, "v5e-4"),
+], ids=["phi3small-one-chip", "phi3small-fsdp", "phi3small-tensor", "phi3-splash"])
+def test_kernels_compile_for_tpu(libtpu, config, overrides, topology):
+    rep = aot.compile_train_step(load_config(config, **overrides), topology, log=lambda *_: None)
     assert rep.fits
     assert "tpu_custom_call" in rep.compiled.as_text()
 
