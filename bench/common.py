@@ -78,6 +78,30 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return ("python " + script + " " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
 
+def run_and_append(script_path: str, argv: list[str] | None, append: str | None,
+                   entry: Callable[[dict, dict, str, float], str], describe: Callable[[dict], str] = _default_line) -> int:
+    """The parent side of a two-framework benchmark: runs each framework's child with this command's own
+    flags (less --append), then appends `entry(jax_result, torch_result, command, load)` to `append`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    child = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--append":
+            skip = True
+        elif not a.startswith("--append="):
+            child.append(a)
+    load = os.getloadavg()[0]
+    results = run_frameworks(script_path, child, describe)
+    if results is None:
+        return 1
+    if append:
+        script = "bench/" + os.path.basename(script_path)
+        append_entry(append, entry(results["jax"], results["torch"], command_line(script, argv), load))
+    return 0
+
+
 def append_entry(path: str, text: str) -> None:
     with open(path, "a") as f:
         f.write("\n" + text)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_entry, command_line, cpu_name, print_result, run_frameworks, time_calls  # noqa: E402
+from common import cpu_name, print_result, run_and_append, time_calls  # noqa: E402
 
 WIDTH = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96, intermediate_size=8192)
 
@@ -116,17 +117,7 @@ def main(argv=None) -> int:
     if args.only:
         print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
-    passthrough = ["--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--layers", str(args.layers), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    load = os.getloadavg()[0]
-    results = run_frameworks(__file__, passthrough)
-    if results is None:
-        return 1
-    if args.append:
-        append_entry(args.append, markdown(args, results["jax"], results["torch"],
-                                           command_line("bench/forward.py", argv), load))
-    return 0
-
+    return run_and_append(__file__, argv, args.append, functools.partial(markdown, args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (append_entry, command_line, cpu_name, print_result, profile_calls, run_frameworks,  # noqa: E402
-                    time_calls)
+from common import cpu_name, print_result, profile_calls, run_and_append, time_calls  # noqa: E402
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
                  intermediate_size=8192, num_layers=4, seq=4096, batch=4)
@@ -211,21 +211,7 @@ def main(argv=None) -> int:
     if args.only:
         print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
         return 0
-    passthrough = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--remat", args.remat] + (["--packed"] if args.packed else []) + (["--unroll"] if args.unroll else [])
-    if args.attention:
-        passthrough += ["--attention", args.attention]
-    for flag, v in (("--batch", args.batch), ("--seq", args.seq), ("--layers", args.layers)):
-        if v:
-            passthrough += [flag, str(v)]
-    load = os.getloadavg()[0]
-    results = run_frameworks(__file__, passthrough, describe=_line)
-    if results is None:
-        return 1
-    if args.append:
-        append_entry(args.append, markdown(args, results["jax"], results["torch"],
-                                           command_line("bench/train_step.py", argv), load))
-    return 0
+    return run_and_append(__file__, argv, args.append, functools.partial(markdown, args), describe=_line)
 
 
 if __name__ == "__main__":
