@@ -101,10 +101,11 @@ def test_auto_picks_the_gpu_kernel_only_for_inputs_it_takes(monkeypatch):
     monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
     mask = attn.Mask(layout=Layout(num_heads=4))
     q16 = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
-    assert attn._auto_impl(q16, mask) == "pallas"
-    assert attn._auto_impl(q16.astype(jnp.float32), mask) == "xla"
-    assert attn._auto_impl(jnp.zeros((1, 128, 4, 96), jnp.bfloat16), mask) == "xla"
-    assert attn._auto_impl(q16, attn.Mask(layout=Layout(block_size=32, num_heads=4))) == "xla"
+    assert attn._auto_impl(q16, q16, mask) == "pallas"
+    assert attn._auto_impl(q16.astype(jnp.float32), q16.astype(jnp.float32), mask) == "xla"
+    q96 = jnp.zeros((1, 128, 4, 96), jnp.bfloat16)
+    assert attn._auto_impl(q96, q96, mask) == "xla"
+    assert attn._auto_impl(q16, q16, attn.Mask(layout=Layout(block_size=32, num_heads=4))) == "xla"
 
 
 @pytest.mark.parametrize("layout,split", [

@@ -52,8 +52,8 @@ def test_splash_only_where_it_applies(monkeypatch):
     assert not attn.splash.supports(q, k[:, :128], Mask())  # cross-attention shapes
     assert not attn.splash.supports(q, k, Mask(causal=False))
     monkeypatch.setattr(attn.jax, "default_backend", lambda: "tpu")
-    assert attn._auto_impl(q, Mask()) == "pallas"
-    assert attn._auto_impl(q[:, :200], Mask()) == "xla"
+    assert attn._auto_impl(q, k, Mask()) == "pallas"
+    assert attn._auto_impl(q[:, :200], k[:, :200], Mask()) == "xla"
 
 
 def test_phi3_model_trains_like_xla_through_splash():

@@ -62,7 +62,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
         raise ValueError(f"attention: impl={impl!r} is not one of {IMPLS}")
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
-        impl = _auto_impl(q_BTNH, mask)
+        impl = _auto_impl(q_BTNH, k_BSKH, mask)
     if impl == "pallas" and mask.layout is not None and _is_cache_decode(q_BTNH, mask):
         return _pallas_decode(q_BTNH, k_BSKH, v_BSKH, mask, scale)
     if impl == "pallas" and mask.layout is not None:
@@ -76,13 +76,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask | None = None, *, scale: float 
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale)
 
 
-def _auto_impl(q_BTNH, mask: Mask) -> str:
+def _auto_impl(q_BTNH, k_BSKH, mask: Mask) -> str:
     backend = jax.default_backend()
     if mask.layout is not None:
         if _is_cache_decode(q_BTNH, mask):
             return "pallas" if backend == "tpu" else "xla"
         return "pallas" if _is_self_attention(mask) and _blocksparse_kernel_ok(q_BTNH, mask, backend) else "xla"
-    if backend == "tpu" and splash.supports(q_BTNH, q_BTNH, mask):
+    if backend == "tpu" and splash.supports(q_BTNH, k_BSKH, mask):
         return "pallas"
     return "cudnn" if _cudnn_ok(q_BTNH, mask) else "xla"
 

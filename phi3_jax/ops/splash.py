@@ -58,9 +58,6 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask, scale: float, *, interpret: bool = F
         segments = None if seg_T is None else sk.SegmentIds(q=seg_T, kv=seg_T)
         return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q_KGTH, k_KSH, v_KSH)
 
-    seg_BT = mask.q_segment_ids
-    if seg_BT is None:
-        o_BKGTH = jax.vmap(lambda q, k, v: one_row(q, k, v, None))(q_BKGTH, k_BKSH, v_BKSH)
-    else:
-        o_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKSH, v_BKSH, seg_BT.astype(jnp.int32))
+    seg_BT = None if mask.q_segment_ids is None else mask.q_segment_ids.astype(jnp.int32)
+    o_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKSH, v_BKSH, seg_BT)  # None is an empty pytree: nothing mapped
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
