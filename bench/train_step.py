@@ -3,6 +3,8 @@
 Both sides do the same work per step: forward, masked next-token cross-entropy over full logits,
 backward, global-norm clipping at 1.0 and an AdamW update of float32 master weights, with bf16 matmuls
 on a GPU (JAX: parameters cast to bf16 inside the jitted step; torch: autocast) and float32 on a CPU.
+JAX runs the output head and the loss as one op (phi3_jax.ops.cross_entropy, `--loss-chunks`); the
+logits and their gradient have the same bf16 roundings as torch's autocast.
 Each framework runs in its own child process so neither one's threads or memory disturb the other.
 
     python bench/train_step.py --device gpu     # phi-3-mini width (3072 / ffn 8192 / 32 heads), 4 layers,
@@ -48,6 +50,8 @@ def parse_args(argv=None):
                    "(default: auto on a GPU, xla on a CPU)")
     p.add_argument("--unroll", action="store_true", help="JAX: unrolled layers instead of lax.scan")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX rematerialisation")
+    p.add_argument("--loss-chunks", type=int, default=1,
+                   help="JAX: train.loss_chunks (1: logits gradient kept from the forward; N: recomputed per chunk)")
     p.add_argument("--breakdown", action="store_true",
                    help="JAX: also time the loss forward alone and loss + gradients alone (where the step goes)")
     p.add_argument("--profile", metavar="DIR", help="JAX: also trace 3 steps into DIR and print the busiest ops")
@@ -93,7 +97,7 @@ def bench_jax(args) -> dict:
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
                                  clip_norm=1.0)
-    fns = ts.build(cfg, tx, mesh, compute_dtype=dtype)
+    fns = ts.build(cfg, tx, mesh, compute_dtype=dtype, loss_chunks=args.loss_chunks)
     state = fns.init(0)
     rng = np.random.RandomState(0)
     B, T = s["batch"], s["seq"]
@@ -114,7 +118,7 @@ def bench_jax(args) -> dict:
     parts = {}
     if args.breakdown:
         graphdef, params = ts.graphdef_of(cfg), holder["state"]["params"]
-        loss = lambda p, b: ts.loss_sums(graphdef, p, b, dtype)[0]  # noqa: E731
+        loss = lambda p, b: ts.loss_sums(graphdef, p, b, dtype, loss_chunks=args.loss_chunks)[0]  # noqa: E731
         for name, fn in (("loss_forward_s", jax.jit(loss)), ("loss_and_grads_s", jax.jit(jax.value_and_grad(loss)))):
             parts[name] = time_calls(lambda: jax.block_until_ready(fn(params, batch)), args.steps, args.warmup)[1]
             print(f"{name}: {parts[name]:.4f} s (full step {median:.4f} s)", flush=True)
@@ -127,7 +131,7 @@ def bench_jax(args) -> dict:
                 device=str(jax.devices()[0].device_kind), first_s=first, median_s=median, tokens_per_s=tps,
                 params=cfg.param_count(), flops_per_token=flops, mfu=tps * flops / peak if peak else None,
                 dtype=dtype, attention=cfg.attention_impl, remat=cfg.remat, packed=bool(args.packed),
-                scan_layers=cfg.scan_layers, **parts)
+                scan_layers=cfg.scan_layers, loss_chunks=args.loss_chunks, **parts)
 
 
 def bench_torch(args) -> dict:
@@ -189,7 +193,8 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
         "| framework | first step (s) | median step (s) | tokens/s | MFU |",
         "|---|---|---|---|---|",
         f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}, "
-        f"{'scanned' if jx['scan_layers'] else 'unrolled'} layers"
+        f"{'scanned' if jx['scan_layers'] else 'unrolled'} layers, fused head + loss"
+        f"{' in ' + str(jx['loss_chunks']) + ' chunks' if jx['loss_chunks'] > 1 else ''}"
         f"{', packed rows' if jx['packed'] else ''}) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
         f"{fmt(jx.get('mfu'))} |",
         f"| transformers Phi3ForCausalLM + torch AdamW | {pt['first_s']:.2f} | {pt['median_s']:.3f} | "

@@ -10,7 +10,10 @@ Sections:
   data       phi3_jax.data's ConfigDict (`default_data_config()`), validated by phi3_jax.data.
   train      steps, batch_size (global, in sequences), seq_len, lr, min_lr_ratio, warmup_steps,
              schedule (cosine | linear | constant), weight_decay, b1, b2, eps, clip_norm (<= 0: off),
-             grad_accum (microbatches per step), log_every, eval_every (0: never), eval_steps,
+             grad_accum (microbatches per step), loss_chunks (1: the head's logits gradient is kept
+             from the forward pass, the fastest; N > 1: the head and loss run over N slices of the
+             sequence and recompute the logits in the backward pass, so no [batch, seq, vocab] array
+             is kept: for large vocabularies on memory-bound slices), log_every, eval_every (0: never), eval_steps,
              checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process
@@ -42,7 +45,7 @@ _MODEL_DTYPE_FIELDS = ("param_dtype", "dtype")
 def train_defaults() -> dict[str, Any]:
     return dict(
         steps=1000, batch_size=8, seq_len=256, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, schedule="cosine",
-        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1,
+        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
         log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
         max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
     )
@@ -206,8 +209,8 @@ def validate(config) -> Resolved:
         raise ConfigError(f"config.{missing[0]}: section missing")
 
     train = _check_section("train", raw["train"], train_defaults())
-    _positive("train", train, "steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_steps", "keep_last",
-              "max_nonfinite_in_a_row")
+    _positive("train", train, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunks", "log_every", "eval_steps",
+              "keep_last", "max_nonfinite_in_a_row")
     _positive("train", train, "lr", "warmup_steps", "weight_decay", "eps", "eval_every", "checkpoint_every",
               "keep_every", "data_shards", allow_zero=True)
     if train["schedule"] not in ("cosine", "linear", "constant"):
@@ -217,6 +220,9 @@ def validate(config) -> Resolved:
     for b in ("b1", "b2"):
         if not 0.0 <= train[b] < 1.0:
             raise ConfigError(f"config.train.{b}={train[b]}: must be in [0, 1)")
+    if train["seq_len"] % train["loss_chunks"]:
+        raise ConfigError(f"config.train.loss_chunks={train['loss_chunks']}: must divide "
+                          f"train.seq_len={train['seq_len']}")
     if train["batch_size"] % train["grad_accum"]:
         raise ConfigError(f"config.train.grad_accum={train['grad_accum']}: must divide "
                           f"train.batch_size={train['batch_size']}")

@@ -53,18 +53,23 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def compute_params(params: dict, dtype) -> dict:
+    """The master weights as the step computes with them: cast to `dtype` once (so FSDP gathers them in
+    it), except the embedding table, which the model casts per row so its gradient sums in float32."""
+    return {k: v if k == "embed_tokens" else cast_floats(v, dtype) for k, v in params.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------
 
-def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = None):
+def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = None, loss_chunks: int = 1):
     """(sum of masked token losses, number of loss tokens) for one (micro)batch."""
-    model = nnx.merge(graphdef, cast_floats(params, compute_dtype))
-    logits_BTV = model(batch["inputs"], positions_BT=batch.get("positions"),
-                       segment_ids_BT=batch.get("segment_ids"), impl=impl)
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch["targets"])
-    mask_BT = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(ce_BT)
-    return jnp.sum(ce_BT * mask_BT), jnp.sum(mask_BT)
+    model = nnx.merge(graphdef, compute_params(params, compute_dtype))
+    inputs_BT = batch["inputs"]
+    mask_BT = batch["loss_mask"] if "loss_mask" in batch else jnp.ones(inputs_BT.shape, jnp.float32)
+    return model.loss_sums(inputs_BT, batch["targets"], mask_BT, positions_BT=batch.get("positions"),
+                           segment_ids_BT=batch.get("segment_ids"), impl=impl, chunks=loss_chunks)
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -94,7 +99,7 @@ class StepFns:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
-                    impl: str | None = None, mesh=None):
+                    impl: str | None = None, mesh=None, loss_chunks: int = 1):
     """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
 
     With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
@@ -102,7 +107,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
 
     def grads_of(params, batch):
         def f(p, mb):
-            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl)
+            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl, loss_chunks)
             return s, n
 
         if grad_accum == 1:
@@ -146,10 +151,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
     return shd.with_activation_sharding(train_step, mesh)
 
 
-def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None):
+def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1):
     """(params, batch) -> (loss_sum, count); with `mesh`, activation constraints as in `make_train_step`."""
     def eval_step(params, batch):
-        return loss_sums(graphdef, params, batch, compute_dtype, impl)
+        return loss_sums(graphdef, params, batch, compute_dtype, impl, loss_chunks)
 
     return shd.with_activation_sharding(eval_step, mesh)
 
@@ -165,7 +170,7 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, pa
 
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
-          impl: str | None = None) -> StepFns:
+          impl: str | None = None, loss_chunks: int = 1) -> StepFns:
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
@@ -182,10 +187,11 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
         return jax.jit(functools.partial(init_state, cfg, tx, int(seed)), out_shardings=state_sh)()
 
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
-                                         mesh=mesh),
+                                         mesh=mesh, loss_chunks=loss_chunks),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh),
+    eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh,
+                                       loss_chunks=loss_chunks),
                         in_shardings=(state_sh["params"], batch_sh), out_shardings=shd.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)

@@ -18,6 +18,7 @@ from phi3_jax.model.attention import Attention
 from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dtype_of, rope_tables
+from phi3_jax.ops.cross_entropy import head_loss
 
 
 class Block(nnx.Module):
@@ -90,6 +91,15 @@ class Decoder(nnx.Module):
 
     def forward(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None,
                 cache=None):
+        x_BTD, kv = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
+                                cache=cache)
+        logits_BTV = self.logits(x_BTD)
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, KVCache(*kv, cache.lengths_B + input_ids_BT.shape[1])
+
+    def hidden(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None, cache=None):
+        """(final-norm hidden states [B, T, D], with `cache` the updated (k, v) else None): all but the head."""
         cfg = self.cfg
         B, T = input_ids_BT.shape
         impl = impl or cfg.attention_impl
@@ -109,20 +119,34 @@ class Decoder(nnx.Module):
         cos_BTH, sin_BTH = shd.constrain(cos_BTH, shd.ACT_BTH), shd.constrain(sin_BTH, shd.ACT_BTH)
         kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B, positions_BT)
         x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv)
-        x_BTD = shd.constrain(self.norm(x_BTD), shd.ACT_BTD)
-        if self.lm_head is None:
-            logits_BTV = self.embed_tokens.attend(x_BTD)
-        else:
-            logits_BTV = self.lm_head(x_BTD)
+        return shd.constrain(self.norm(x_BTD), shd.ACT_BTD), kv
+
+    def head_weight(self):
+        """The output projection [D, vocab] (the embedding table, transposed, when tied)."""
+        return self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def logits(self, x_BTD):
+        """float32 logits [B, T, vocab] from final hidden states: head matmul in the compute dtype, phi-3-small's
+        divisor and masked padding rows."""
+        cfg = self.cfg
+        logits_BTV = jnp.dot(x_BTD, self.head_weight().astype(x_BTD.dtype))
         logits_BTV = shd.constrain(logits_BTV.astype(jnp.float32), shd.ACT_BTV)
         if cfg.logit_divisor != 1.0:
             logits_BTV = logits_BTV / cfg.logit_divisor
         if cfg.dummy_token_ids:
             dummy_V = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.dummy_token_ids)].set(True)
             logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
-        if cache is None:
-            return logits_BTV
-        return logits_BTV, KVCache(*kv, cache.lengths_B + T)
+        return logits_BTV
+
+    def loss_sums(self, input_ids_BT, targets_BT, mask_BT, *, positions_BT=None, segment_ids_BT=None,
+                  impl: str | None = None, chunks: int = 1):
+        """(sum of masked next-token cross-entropies, number of loss tokens), both float32. The head and the
+        loss run as one op (`ops.cross_entropy.head_loss`), so no float32 [B, T, vocab] array is kept."""
+        x_BTD, _ = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
+        mask_BT = jnp.asarray(mask_BT, jnp.float32)
+        loss = head_loss(x_BTD, self.head_weight(), targets_BT, mask_BT, divisor=self.cfg.logit_divisor,
+                         dummy_ids=tuple(self.cfg.dummy_token_ids or ()), chunks=chunks)
+        return loss, jnp.sum(mask_BT)
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None):
         """x after every layer, and with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT) the updated

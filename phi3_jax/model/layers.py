@@ -6,6 +6,8 @@ activation dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,6 +36,35 @@ class Linear(nnx.Module):
         return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embedding_lookup(table_VD, ids_BT, dtype):
+    """Rows of the table in `dtype`; the gradient is accumulated in the table's own dtype.
+
+    Differentiating `take(table.astype(bf16), ids)` would scatter-add the row gradients in bf16, and a
+    token repeated a few hundred times in a batch stops accumulating (the sum outgrows the addends' bits).
+    The forward pass still converts before gathering, so FSDP all-gathers the table in `dtype`.
+    """
+    return _lookup_fwd(table_VD, ids_BT, dtype)[0]
+
+
+def _lookup_fwd(table_VD, ids_BT, dtype):
+    # FSDP: the table is all-gathered over its `embed` dimension before the lookup, as every other weight
+    # is before its matmul; gathering rows from the embed-sharded table would leave the activations
+    # split by hidden dimension and force XLA to replicate them to re-split them by rows.
+    gathered_VD = shd.constrain(table_VD.astype(dtype), shd.GATHERED_VD)
+    # The table itself is the residual only for its shape and dtype (it is a live parameter anyway).
+    return jnp.take(gathered_VD, ids_BT, axis=0), (table_VD, ids_BT)
+
+
+def _lookup_bwd(dtype, res, ct_BTD):
+    table_VD, ids_BT = res
+    grad_VD = jnp.zeros_like(table_VD).at[ids_BT].add(ct_BTD.astype(table_VD.dtype), mode="drop")
+    return grad_VD, None
+
+
+embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -42,15 +73,7 @@ class Embed(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, ids_BT):
-        # FSDP: the table is all-gathered over its `embed` dimension before the lookup, as every other weight
-        # is before its matmul; gathering rows from the embed-sharded table would leave the activations
-        # split by hidden dimension and force XLA to replicate them to re-split them by rows.
-        table_VD = shd.constrain(self.embedding[...], shd.GATHERED_VD)
-        return jnp.take(table_VD, ids_BT, axis=0).astype(self.dtype)
-
-    def attend(self, x_BTD):
-        """Logits against the (tied) embedding matrix."""
-        return jnp.dot(x_BTD, self.embedding[...].astype(self.dtype).T)
+        return embedding_lookup(self.embedding[...], ids_BT, self.dtype)
 
 
 class Norm(nnx.Module):

@@ -1,0 +1,120 @@
+"""The output head and the next-token cross-entropy in one differentiable op.
+
+`head_loss(x_BTD, w_DV, targets_BT, mask_BT)` = sum over unmasked tokens of
+logsumexp(logits) - logits[target], with logits = (x @ w) / divisor in float32 and the `dummy_ids` columns
+at -inf. It is what `optax.softmax_cross_entropy_with_integer_labels(model(ids), targets)` computes, with
+the same roundings (the matmul emits logits in x's dtype, the softmax runs in float32), but no float32
+[batch, seq, vocab] array is ever stored:
+
+- chunks=1: the forward pass computes the logits gradient, softmax - onehot, right away in x's dtype and
+  keeps it for the backward pass, which is two matmuls. Nothing is recomputed (the fast path).
+- chunks=N > 1: the sequence is processed N chunks at a time under `lax.scan` and the backward pass
+  recomputes each chunk's logits, so only [batch, seq / N, vocab] temporaries exist at any time, at the
+  cost of one more head matmul (for large vocabularies on memory-bound slices).
+
+The loss is a sum (a scalar), so its cotangent is one number and the kept gradient needs no rescaling.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from phi3_jax import sharding as shd
+
+
+def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_ids: tuple[int, ...] = (),
+              chunks: int = 1):
+    """Sum of masked token cross-entropies (float32 scalar). `w_DV` may be any float dtype; the matmuls run
+    in x's dtype, and the weight's gradient comes back in w's dtype from float32 accumulation."""
+    B, T, _ = x_BTD.shape
+    if chunks < 1 or T % chunks:
+        raise ValueError(f"loss chunks={chunks} must be >= 1 and divide the sequence length {T}")
+    return _head_loss(x_BTD, w_DV, targets_BT, mask_BT.astype(jnp.float32), float(divisor), tuple(dummy_ids),
+                      int(chunks))
+
+
+def _logits(x_BTD, w_DV, divisor, dummy_ids):
+    """float32 logits (from a matmul that rounds to x's dtype, as the model's own head does)."""
+    logits_BTV = shd.constrain(jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)), shd.ACT_BTV).astype(jnp.float32)
+    if divisor != 1.0:
+        logits_BTV = logits_BTV / divisor
+    if dummy_ids:
+        dummy_V = jnp.zeros((w_DV.shape[1],), bool).at[jnp.asarray(dummy_ids)].set(True)
+        logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
+    return logits_BTV
+
+
+def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
+    """(masked loss sum, d loss_sum / d (x @ w) in x's dtype) for one chunk."""
+    logits_BTV = _logits(x_BTD, w_DV, divisor, dummy_ids)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    loss = jnp.sum((lse_BT - target_BT) * mask_BT)
+    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
+    scale_BT = mask_BT / divisor
+    dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]
+    return loss, shd.constrain(dlogits_BTV.astype(x_BTD.dtype), shd.ACT_BTV)
+
+
+def _by_chunk(a, chunks):
+    """[B, T, ...] -> [chunks, B, T / chunks, ...]."""
+    B, T = a.shape[:2]
+    return jnp.swapaxes(a.reshape(B, chunks, T // chunks, *a.shape[2:]), 0, 1)
+
+
+def _unchunk(a):
+    n, B, t = a.shape[:3]
+    return jnp.swapaxes(a, 0, 1).reshape(B, n * t, *a.shape[3:])
+
+
+def _grads(x_BTD, w_DV, dlogits_BTV):
+    dx_BTD = jnp.dot(dlogits_BTV, w_DV.astype(dlogits_BTV.dtype).T, preferred_element_type=jnp.float32)
+    dw_DV = jnp.einsum("btd,btv->dv", x_BTD, dlogits_BTV, preferred_element_type=jnp.float32)
+    return dx_BTD, dw_DV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_loss(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
+    return _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks)[0]
+
+
+def _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
+    if chunks == 1:
+        loss, dlogits_BTV = _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids)
+        return loss, (x_BTD, w_DV, dlogits_BTV, targets_BT, mask_BT)
+
+    def body(total, xs):
+        x, t, m = xs
+        logits = _logits(x, w_DV, divisor, dummy_ids)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((lse - tgt) * m), None
+
+    xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(mask_BT, chunks))
+    loss, _ = jax.lax.scan(body, jnp.float32(0), xs)
+    return loss, (x_BTD, w_DV, None, targets_BT, mask_BT)
+
+
+def _bwd(divisor, dummy_ids, chunks, res, g):
+    x_BTD, w_DV, dlogits_BTV, targets_BT, mask_BT = res
+    if chunks == 1:
+        dx_BTD, dw_DV = _grads(x_BTD, w_DV, dlogits_BTV)
+    else:
+        def body(dw, xs):
+            x, t, m = xs
+            dlogits = _loss_and_dlogits(x, w_DV, t, m, divisor, dummy_ids)[1]
+            dx, dw_c = _grads(x, w_DV, dlogits)
+            return dw + dw_c, dx
+
+        xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(mask_BT, chunks))
+        dw_DV, dx_nBtD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
+        dx_BTD = _unchunk(dx_nBtD)
+    # Scaled in float32: g is typically 1 / tokens, which bf16 would round by up to 0.4%.
+    dx_BTD = (dx_BTD * g).astype(x_BTD.dtype)
+    dw_DV = (dw_DV * g).astype(w_DV.dtype)
+    return dx_BTD, dw_DV, None, None
+
+
+_head_loss.defvjp(_fwd, _bwd)

@@ -1,0 +1,131 @@
+"""The fused head + cross-entropy op and the embedding lookup's float32 gradient, against plain JAX."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from phi3_jax import train_state as ts
+from phi3_jax.model import get_preset, init_model
+from phi3_jax.model.layers import embedding_lookup
+from phi3_jax.ops.cross_entropy import head_loss
+
+
+def _reference(x_BTD, w_DV, targets_BT, mask_BT, divisor=1.0, dummy_ids=()):
+    logits = jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)).astype(jnp.float32) / divisor
+    if dummy_ids:
+        logits = logits.at[..., jnp.asarray(dummy_ids)].set(jnp.finfo(jnp.float32).min)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets_BT) * mask_BT)
+
+
+def _inputs(B=2, T=12, D=16, V=40, seed=0):
+    r = np.random.default_rng(seed)
+    x = jnp.asarray(r.normal(size=(B, T, D)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(D, V)) * 0.3, jnp.float32)
+    t = jnp.asarray(r.integers(0, V - 3, (B, T)), jnp.int32)
+    m = jnp.asarray(r.random((B, T)) > 0.25, jnp.float32)
+    return x, w, t, m
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("divisor,dummy", [(1.0, ()), (2.5, (37, 38, 39))])
+def test_head_loss_matches_optax_value_and_grads(chunks, divisor, dummy):
+    x, w, t, m = _inputs()
+    f = lambda x, w: head_loss(x, w, t, m, divisor=divisor, dummy_ids=dummy, chunks=chunks)  # noqa: E731
+    ref = lambda x, w: _reference(x, w, t, m, divisor, dummy)  # noqa: E731
+    (l, (gx, gw)), (lr, (gxr, gwr)) = (jax.value_and_grad(fn, argnums=(0, 1))(x, w) for fn in (f, ref))
+    np.testing.assert_allclose(l, lr, rtol=1e-6)
+    np.testing.assert_allclose(gx, gxr, atol=1e-6)
+    np.testing.assert_allclose(gw, gwr, atol=1e-6)
+    # Masked tokens get no gradient, and the padding columns none either.
+    assert not np.any(np.asarray(gx)[np.asarray(m) == 0])
+    if dummy:
+        assert not np.any(np.asarray(gw)[:, list(dummy)])
+
+
+def test_head_loss_scales_with_the_cotangent_and_under_jit():
+    x, w, t, m = _inputs(seed=1)
+    g = jax.jit(jax.grad(lambda x: 3.0 * head_loss(x, w, t, m) / jnp.sum(m)))(x)
+    gr = jax.grad(lambda x: 3.0 * _reference(x, w, t, m) / jnp.sum(m))(x)
+    np.testing.assert_allclose(g, gr, atol=1e-6)
+
+
+def test_head_loss_bf16_keeps_the_reference_roundings():
+    x, w, t, m = _inputs(B=2, T=64, D=32, V=96, seed=2)
+    xb = x.astype(jnp.bfloat16)
+    (l, (gx, gw)) = jax.value_and_grad(lambda x, w: head_loss(x, w, t, m), argnums=(0, 1))(xb, w)
+    (lr, (gxr, gwr)) = jax.value_and_grad(lambda x, w: _reference(x, w, t, m), argnums=(0, 1))(xb, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+    np.testing.assert_allclose(l, lr, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(gxr, np.float32), atol=2e-2)
+    np.testing.assert_allclose(gw, gwr, atol=2e-2 * float(jnp.max(jnp.abs(gwr))))
+
+
+def test_head_loss_rejects_chunks_that_do_not_divide_the_sequence():
+    x, w, t, m = _inputs(T=12)
+    with pytest.raises(ValueError, match="chunks=5"):
+        head_loss(x, w, t, m, chunks=5)
+
+
+@pytest.mark.parametrize("preset", ["phi-3-tiny", "phi-3-small-tiny"])
+def test_model_loss_sums_equal_cross_entropy_of_its_logits(preset):
+    """Decoder.loss_sums (the fused op) against optax on Decoder(ids): phi-3-small adds the tied head,
+    the logit divisor and masked padding rows."""
+    cfg = get_preset(preset, vocab_size=160, num_layers=2, attention_impl="xla")
+    if cfg.dummy_token_ids:
+        cfg = dataclasses.replace(cfg, dummy_token_ids=(157, 158, 159))
+    graphdef, params = ts.split_model(init_model(cfg, 0))
+    r = np.random.default_rng(0)
+    ids = jnp.asarray(r.integers(0, 150, (2, 33)), jnp.int32)
+    mask = jnp.asarray(r.random((2, 32)) > 0.2, jnp.float32)
+
+    def fused(p, chunks):
+        from flax import nnx
+        return nnx.merge(graphdef, p).loss_sums(ids[:, :-1], ids[:, 1:], mask, chunks=chunks)[0]
+
+    def plain(p):
+        from flax import nnx
+        logits = nnx.merge(graphdef, p)(ids[:, :-1])
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]) * mask)
+
+    lr, gr = jax.value_and_grad(plain)(params)
+    for chunks in (1, 4):
+        l, g = jax.value_and_grad(fused)(params, chunks)
+        np.testing.assert_allclose(l, lr, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b))))),
+                     g, gr)
+
+
+def test_embedding_gradient_sums_in_float32_under_bf16_compute():
+    """A token repeated 4096 times: summing its row gradients in bf16 would stall near 8 (of 53)."""
+    table = jnp.zeros((8, 4), jnp.float32)
+    ids = jnp.zeros((1, 4096), jnp.int32)
+    ct = (0.01 * (1 + (jnp.arange(4096) % 7) * 0.1))[None, :, None] * jnp.ones((1, 1, 4))
+    expect = np.asarray(jnp.sum(ct, axis=(0, 1)))
+    loss = lambda t: jnp.sum(embedding_lookup(t, ids, jnp.bfloat16).astype(jnp.float32) * ct)  # noqa: E731
+    naive = lambda t: jnp.sum(jnp.take(t.astype(jnp.bfloat16), ids, axis=0).astype(jnp.float32) * ct)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss)(table)[0], expect, rtol=1e-4)
+    assert abs(float(jax.grad(naive)(table)[0, 0]) - expect[0]) > 1.0  # what the lookup avoids
+    assert embedding_lookup(table, ids, jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_train_step_loss_chunks_give_the_same_step():
+    from phi3_jax import optim
+    from phi3_jax import sharding as shd
+
+    cfg = get_preset("phi-3-tiny", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16, intermediate_size=128, attention_impl="xla")
+    mesh = shd.make_mesh({"fsdp": -1})
+    params = ts.split_model(init_model(cfg, 0))[1]
+    tx, _ = optim.make_optimizer(params, lr=1e-2, steps=10, warmup_steps=0, weight_decay=0.1)
+    r = np.random.default_rng(0)
+    ids = r.integers(0, 128, (8, 33)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((8, 32), np.float32)}
+    out = []
+    for chunks in (1, 4):
+        fns = ts.build(cfg, tx, mesh, loss_chunks=chunks)
+        _, m = fns.train_step(fns.init(0), shd.make_global_batch(mesh, batch, 8))
+        out.append((float(m["loss"]), float(m["grad_norm"])))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
