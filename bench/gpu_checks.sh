@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
-# the Mosaic GPU kernel tests, bench/attention.py (with its correctness checks), bench/train_step.py
-# (against transformers, then JAX-only variants: packed rows, the forward / backward split, scanned
-# layers, a profile of the busiest ops) and bench/forward.py at phi-3-mini width. Steps run in order of
-# importance, each under its own time limit; a failing step is logged and the next one still runs.
-# Results are appended to bench/RESULTS.md; the variants print to the log only.
+# bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off, the loss in
+# chunks, the forward / backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
+# tests, bench/attention.py (with its correctness checks) and bench/forward.py at phi-3-mini width.
+# Steps run in order of importance, each under its own time limit; a failing step is logged and the next
+# one still runs. Results are appended to bench/RESULTS.md; the variants print to the log only.
 #
 #   bash bench/gpu_checks.sh [OUTDIR]      # log: OUTDIR/gpu_checks.log (default $OUT or /tmp/phi3_gpu)
 #   STEPS="kernels attention" bash bench/gpu_checks.sh    # a subset (names: the `step` lines below;
 #                                                         # train_scanned runs only when named)
+# Each step's limit bounds it; name a subset when the lease is shorter than their sum.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -18,7 +19,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env kernels attention train train_packed train_breakdown train_profile forward"}
+steps=${STEPS:-"env train train_notriton train_profile train_breakdown train_chunks kernels attention train_packed forward"}
 
 step() {
   local name=$1 limit=$2
@@ -37,6 +38,13 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
 import jax, flax, optax, torch, transformers
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__,
       \"torch\", torch.__version__, \"transformers\", transformers.__version__)'"
+step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
+step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  $py bench/train_step.py --device gpu --only jax --unroll
+step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
+step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
+step train_chunks 180 $py bench/train_step.py --device gpu --only jax --unroll --loss-chunks 4
+step train_scanned 180 $py bench/train_step.py --device gpu --only jax
 step kernels 150 $py -m pytest -q -m gpu tests/test_blocksparse_gpu.py -p no:cacheprovider
 if [ "${rc_kernels:-0}" = 124 ]; then
   echo "=== attention: skipped, the kernel tests timed out (a kernel that never finishes would hang it too)" | tee -a "$log"
@@ -45,10 +53,6 @@ else
   step attention 240 $py bench/attention.py ${ATTENTION_ARGS:---seqs 4096,8192,16384,32768 --flex-seqs 8192} \
     --out bench/RESULTS.md
 fi
-step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
-step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
-step train_scanned 180 $py bench/train_step.py --device gpu --only jax
-step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"
