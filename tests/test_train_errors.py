@@ -44,6 +44,9 @@ def test_config_file_errors_name_the_field(tmp_path):
     c = _cfg(grad_accum=3)
     with pytest.raises(ConfigError, match="grad_accum"):
         run(c, str(wd))
+    c = _cfg(loss_chunks=3)
+    with pytest.raises(ConfigError, match=r"config\.train\.loss_chunks=3: must divide train\.seq_len"):
+        run(c, str(wd))
     assert not wd.exists()
 
 
