@@ -259,7 +259,7 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     params = abstract_params(model_cfg, r.precision["param_dtype"])
     tx, _ = optim.make_optimizer_from_config(params, t)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks)
+                   loss_chunks=t.loss_chunks, seed=t.seed)
 
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
              for k in ts.BATCH_KEYS}

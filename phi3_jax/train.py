@@ -118,7 +118,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     tx, schedule = optim.make_optimizer_from_config(abstract_params, t, lr_multipliers=lr_multipliers,
                                                     wd_multipliers=wd_multipliers)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks)
+                   loss_chunks=t.loss_chunks, seed=t.seed)
     lr_at = jax.jit(schedule)
 
     # ---- state: resume, init_from, or fresh ----

@@ -63,13 +63,26 @@ def compute_params(params: dict, dtype) -> dict:
 # Loss
 # ----------------------------------------------------------------------------------------------------
 
-def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = None, loss_chunks: int = 1):
-    """(sum of masked token losses, number of loss tokens) for one (micro)batch."""
+def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = None, loss_chunks: int = 1,
+              dropout_keys_B=None):
+    """(sum of masked token losses, number of loss tokens) for one (micro)batch; `dropout_keys_B` (one key
+    per row) turns on the model's dropout."""
     model = nnx.merge(graphdef, compute_params(params, compute_dtype))
     inputs_BT = batch["inputs"]
     mask_BT = batch["loss_mask"] if "loss_mask" in batch else jnp.ones(inputs_BT.shape, jnp.float32)
     return model.loss_sums(inputs_BT, batch["targets"], mask_BT, positions_BT=batch.get("positions"),
-                           segment_ids_BT=batch.get("segment_ids"), impl=impl, chunks=loss_chunks)
+                           segment_ids_BT=batch.get("segment_ids"), impl=impl, chunks=loss_chunks,
+                           dropout_keys_B=dropout_keys_B)
+
+
+def dropout_keys(seed: int, step, batch_size: int):
+    """One PRNG key per row of the global batch for the step: a function of (seed, step, row) only, so a
+    resumed run, another mesh or another grad_accum drops the same activations."""
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM), step)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, jnp.arange(batch_size, dtype=jnp.uint32))
+
+
+_DROPOUT_STREAM = 0x64726F70  # "drop": keeps these keys apart from any other use of the seed
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -99,15 +112,18 @@ class StepFns:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
-                    impl: str | None = None, mesh=None, loss_chunks: int = 1):
+                    impl: str | None = None, mesh=None, loss_chunks: int = 1, dropout_seed: int | None = None):
     """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
 
     With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
-    sharding constraints of the logical-axis table (see `sharding.constrain`)."""
+    sharding constraints of the logical-axis table (see `sharding.constrain`). With `dropout_seed`, the
+    model's dropout is on, with keys from `dropout_keys(dropout_seed, state["step"], rows)`."""
 
     def grads_of(params, batch):
         def f(p, mb):
-            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl, loss_chunks)
+            mb = dict(mb)
+            keys = mb.pop("dropout_keys", None)
+            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl, loss_chunks, keys)
             return s, n
 
         if grad_accum == 1:
@@ -126,6 +142,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
 
     def train_step(state, batch):
         params = state["params"]
+        if dropout_seed is not None:
+            batch = {**batch, "dropout_keys": dropout_keys(dropout_seed, state["step"], batch["inputs"].shape[0])}
         loss_sum, count, grads = grads_of(params, batch)
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
@@ -170,13 +188,14 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, pa
 
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
-          impl: str | None = None, loss_chunks: int = 1) -> StepFns:
+          impl: str | None = None, loss_chunks: int = 1, seed: int = 0) -> StepFns:
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
     abstract state (`jax.eval_shape`), so each device creates only its shard. The train and eval steps trace
     inside `shd.activation_sharding(mesh)`, so `fns.train_step.lower(...)` (ahead-of-time compilation)
-    carries the activation constraints too.
+    carries the activation constraints too. When the config has dropout, the train step draws its masks
+    from `seed` (train.seed) and the step number; the eval step never drops.
     """
     graphdef = graphdef_of(cfg)
     abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0))
@@ -187,7 +206,8 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
         return jax.jit(functools.partial(init_state, cfg, tx, int(seed)), out_shardings=state_sh)()
 
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
-                                         mesh=mesh, loss_chunks=loss_chunks),
+                                         mesh=mesh, loss_chunks=loss_chunks,
+                                         dropout_seed=seed if cfg.has_dropout else None),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh,

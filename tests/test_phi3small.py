@@ -292,9 +292,12 @@ def test_released_configs_read_as_presets():
 
 def test_config_fields_that_change_nothing_or_derive_values():
     base = from_hf_config(tiny_hf())
-    # attention_bias is ignored by the remote code (biases are always there); dropout is training-only.
-    assert from_hf_config(tiny_hf(attention_bias=True, embedding_dropout_prob=0.0, ffn_dropout_prob=0.3,
-                                  reorder_and_upcast_attn=True, pad_sequence_to_multiple_of_64=False)) == base
+    # attention_bias is ignored by the remote code (biases are always there).
+    assert from_hf_config(tiny_hf(attention_bias=True, reorder_and_upcast_attn=True,
+                                  pad_sequence_to_multiple_of_64=False)) == base
+    # Dropout is read (training-only): embeddings and MLP outputs.
+    drop = from_hf_config(tiny_hf(embedding_dropout_prob=0.0, ffn_dropout_prob=0.3))
+    assert (drop.embd_dropout, drop.resid_attn_dropout, drop.resid_mlp_dropout) == (0.0, 0.0, 0.3)
     # Fields left out take the Phi3SmallConfig defaults.
     hf = tiny_hf()
     for key in ("attention_bias", "reorder_and_upcast_attn", "embedding_dropout_prob", "gegelu_pad_to_256"):

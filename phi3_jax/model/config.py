@@ -59,6 +59,12 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 32000
     pad_token_id: int | None = 32000
     initializer_range: float = 0.02
+    # Training-only dropout (inactive in eval, sampling and export checks): on the scaled embeddings, and on
+    # the attention and MLP outputs before each residual add (HF phi3: embd_pdrop, resid_pdrop for both;
+    # phi3small: embedding_dropout_prob, ffn_dropout_prob on the MLP output only).
+    embd_dropout: float = 0.0
+    resid_attn_dropout: float = 0.0
+    resid_mlp_dropout: float = 0.0
     # Numerics and execution.
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -95,6 +101,10 @@ class ModelConfig:
     def layer_is_sparse(self, layer: int) -> bool:
         n = self.dense_attention_every_n_layers
         return n > 0 and (layer + 1) % n != 0
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(r > 0 for r in (self.embd_dropout, self.resid_attn_dropout, self.resid_mlp_dropout))
 
     @property
     def layer_period(self) -> int:
@@ -216,6 +226,10 @@ def validate(cfg: ModelConfig) -> None:
         fail("dummy_token_ids", f"ids must lie in [0, vocab_size={cfg.vocab_size})")
     if cfg.logit_divisor <= 0:
         fail("logit_divisor", "must be positive")
+    for name in ("embd_dropout", "resid_attn_dropout", "resid_mlp_dropout"):
+        rate = getattr(cfg, name)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            fail(name, "must be a probability in [0, 1)")
 
 
 def longrope_mscale(max_position_embeddings: int, original_max_position_embeddings: int) -> float:

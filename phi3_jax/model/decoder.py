@@ -17,28 +17,35 @@ from phi3_jax import sharding as shd
 from phi3_jax.model.attention import Attention
 from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
-from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dtype_of, rope_tables
+from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dropout, dtype_of, fold_rows, rope_tables
 from phi3_jax.ops.cross_entropy import head_loss
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.input_layernorm = Norm(cfg, rngs)
         self.self_attn = Attention(cfg, rngs)
         self.post_attention_layernorm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None):
-        """[B, T, D] -> [B, T, D]; with `kv_cache` (see Attention) -> ([B, T, D], updated (k, v))."""
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None, dropout_keys_B=None):
+        """[B, T, D] -> [B, T, D]; with `kv_cache` (see Attention) -> ([B, T, D], updated (k, v)).
+        `dropout_keys_B` (this layer's per-row keys) turns on the config's residual dropout."""
+        cfg = self.cfg
         # Residual stream pinned at the sublayer boundaries (no-op outside shd.activation_sharding).
         x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
         a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, segment_ids_BT=segment_ids_BT,
                                layout=layout, impl=impl, kv_cache=kv_cache)
         if kv_cache is not None:
             a_BTD, kv = a_BTD
+        if dropout_keys_B is not None and cfg.resid_attn_dropout > 0:
+            a_BTD = dropout(a_BTD, cfg.resid_attn_dropout, dropout_keys_B, 0)
         x_BTD = shd.constrain(x_BTD + a_BTD, shd.ACT_BTD)
-        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        m_BTD = self.mlp(self.post_attention_layernorm(x_BTD))
+        if dropout_keys_B is not None and cfg.resid_mlp_dropout > 0:
+            m_BTD = dropout(m_BTD, cfg.resid_mlp_dropout, dropout_keys_B, 1)
+        x_BTD = shd.constrain(x_BTD + m_BTD, shd.ACT_BTD)
         return x_BTD if kv_cache is None else (x_BTD, kv)
 
 
@@ -98,8 +105,12 @@ class Decoder(nnx.Module):
             return logits_BTV
         return logits_BTV, KVCache(*kv, cache.lengths_B + input_ids_BT.shape[1])
 
-    def hidden(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None, cache=None):
-        """(final-norm hidden states [B, T, D], with `cache` the updated (k, v) else None): all but the head."""
+    def hidden(self, input_ids_BT, *, positions_BT=None, segment_ids_BT=None, impl: str | None = None, cache=None,
+               dropout_keys_B=None):
+        """(final-norm hidden states [B, T, D], with `cache` the updated (k, v) else None): all but the head.
+
+        `dropout_keys_B` (one PRNG key per row, training only) applies the config's dropout; without it the
+        model is deterministic."""
         cfg = self.cfg
         B, T = input_ids_BT.shape
         impl = impl or cfg.attention_impl
@@ -115,10 +126,14 @@ class Decoder(nnx.Module):
         x_BTD = shd.constrain(self.embed_tokens(input_ids_BT), shd.ACT_BTD)
         if cfg.embedding_multiplier != 1.0:
             x_BTD = x_BTD * jnp.asarray(cfg.embedding_multiplier, x_BTD.dtype)
+        if dropout_keys_B is not None and cfg.embd_dropout > 0:
+            # Folded with num_layers: a stream no layer uses (layer l folds with l).
+            x_BTD = dropout(x_BTD, cfg.embd_dropout, fold_rows(dropout_keys_B, cfg.num_layers), 0)
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT, dtype_of(cfg.dtype))
         cos_BTH, sin_BTH = shd.constrain(cos_BTH, shd.ACT_BTH), shd.constrain(sin_BTH, shd.ACT_BTH)
         kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B, positions_BT)
-        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv)
+        keys = dropout_keys_B if cfg.resid_attn_dropout > 0 or cfg.resid_mlp_dropout > 0 else None
+        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv, keys)
         return shd.constrain(self.norm(x_BTD), shd.ACT_BTD), kv
 
     def head_weight(self):
@@ -139,18 +154,19 @@ class Decoder(nnx.Module):
         return logits_BTV
 
     def loss_sums(self, input_ids_BT, targets_BT, mask_BT, *, positions_BT=None, segment_ids_BT=None,
-                  impl: str | None = None, chunks: int = 1):
+                  impl: str | None = None, chunks: int = 1, dropout_keys_B=None):
         """(sum of masked next-token cross-entropies, number of loss tokens), both float32. The head and the
         loss run as one op (`ops.cross_entropy.head_loss`), so no float32 [B, T, vocab] array is kept."""
-        x_BTD, _ = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl)
+        x_BTD, _ = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
+                               dropout_keys_B=dropout_keys_B)
         mask_BT = jnp.asarray(mask_BT, jnp.float32)
         loss = head_loss(x_BTD, self.head_weight(), targets_BT, mask_BT, divisor=self.cfg.logit_divisor,
                          dummy_ids=tuple(self.cfg.dummy_token_ids or ()), chunks=chunks)
         return loss, jnp.sum(mask_BT)
 
-    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None):
+    def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None, dropout_keys_B=None):
         """x after every layer, and with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT) the updated
-        (k_LBSKH, v_LBSKH) (else None)."""
+        (k_LBSKH, v_LBSKH) (else None). With `dropout_keys_B`, layer l drops with the row keys folded with l."""
         cfg = self.cfg
         P = cfg.layer_period
         layout = blocksparse_layout(cfg) if cfg.dense_attention_every_n_layers else None
@@ -160,14 +176,17 @@ class Decoder(nnx.Module):
         xs = jax.tree.map(by_step, state)
         if kv is not None:
             xs = (xs, by_step(kv[0]), by_step(kv[1]))
+        layer_ids = by_step(jnp.arange(cfg.num_layers, dtype=jnp.uint32))
 
         def step(x_BTD, xs_P):
+            xs_P, ids_P = xs_P
             st_P, kv_P = (xs_P, None) if kv is None else (xs_P[0], xs_P[1:])
             new_kv = []
             for j in range(P):
                 block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], st_P))
                 if kv is None:
-                    x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl)
+                    keys = None if dropout_keys_B is None else fold_rows(dropout_keys_B, ids_P[j])
+                    x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys)
                 else:
                     x_BTD, kv_j = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
                                         kv_cache=(kv_P[0][j], kv_P[1][j], kv[2], kv[3]))
@@ -178,6 +197,7 @@ class Decoder(nnx.Module):
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        xs = (xs, layer_ids)
         if cfg.scan_layers:
             x_BTD, kv_SP = jax.lax.scan(step, x_BTD, xs)
         else:

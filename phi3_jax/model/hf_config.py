@@ -101,8 +101,13 @@ def _phi3_from_hf(hf: dict) -> ModelConfig:
         sliding_window=hf.get("sliding_window"), bos_token_id=hf.get("bos_token_id", 1),
         eos_token_id=_ids(hf.get("eos_token_id", 32000)), pad_token_id=hf.get("pad_token_id", 32000),
         initializer_range=float(hf.get("initializer_range", 0.02)),
+        embd_dropout=_rate(hf, "embd_pdrop"), resid_attn_dropout=_rate(hf, "resid_pdrop"),
+        resid_mlp_dropout=_rate(hf, "resid_pdrop"),
         param_dtype=_dtype_name(hf), dtype=_dtype_name(hf),
     )
+    if _rate(hf, "attention_dropout"):
+        raise ConfigError(f"config.json: attention_dropout={hf['attention_dropout']!r}: dropout on attention "
+                          "probabilities is not implemented (every released Phi-3 uses 0.0)")
     if rope["type"] == "longrope":
         # transformers: m = attention_factor if given, else sqrt(1 + ln(s)/ln(L0)) with s = factor or max/L0.
         m = rope.get("attention_factor")
@@ -112,6 +117,13 @@ def _phi3_from_hf(hf: dict) -> ModelConfig:
         fields.update(rope_scaling="longrope", rope_short_factor=rope["short_factor"],
                       rope_long_factor=rope["long_factor"], rope_short_mscale=m, rope_long_mscale=m)
     return ModelConfig(**fields)
+
+
+def _rate(hf: dict, key: str) -> float:
+    p = hf.get(key) or 0.0
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"config.json: {key}={p!r}: must be a probability in [0, 1)")
+    return float(p)
 
 
 def _ids(x):
@@ -130,9 +142,12 @@ def _phi3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "sliding_window": cfg.sliding_window,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": _list(cfg.eos_token_id),
         "pad_token_id": cfg.pad_token_id, "initializer_range": cfg.initializer_range,
-        "attention_dropout": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "use_cache": True,
-        "torch_dtype": cfg.param_dtype,
+        "attention_dropout": 0.0, "embd_pdrop": cfg.embd_dropout, "resid_pdrop": cfg.resid_mlp_dropout,
+        "use_cache": True, "torch_dtype": cfg.param_dtype,
     }
+    if cfg.resid_attn_dropout != cfg.resid_mlp_dropout:
+        raise ConfigError(f"ModelConfig.resid_attn_dropout={cfg.resid_attn_dropout} differs from resid_mlp_dropout="
+                          f"{cfg.resid_mlp_dropout}: a phi3 config.json has one resid_pdrop for both")
     if cfg.rope_scaling == "longrope":
         hf["rope_scaling"] = {"type": "longrope", "short_factor": list(cfg.rope_short_factor),
                               "long_factor": list(cfg.rope_long_factor)}

@@ -65,6 +65,40 @@ def _lookup_bwd(dtype, res, ct_BTD):
 embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 3))
+def dropout(x_BTD, rate: float, keys_B, site: int):
+    """Inverted dropout of activations [B, ...] with one PRNG key per row (`keys_B`, a typed key array).
+
+    Row b's mask depends only on (keys_B[b], site), so the masks do not change with the mesh, the batch
+    split into microbatches, or rematerialisation; the backward pass regenerates the mask from the keys
+    instead of keeping it. The scaling runs in float32 (1 / 0.9 in bf16 would be 0.16% off)."""
+    return _dropout_fwd(x_BTD, rate, keys_B, site)[0]
+
+
+def _dropout_scale(keys_B, site, rate, shape):
+    def row(key):
+        keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, shape[1:])
+        return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+    return jax.vmap(row)(keys_B)
+
+
+def _dropout_fwd(x_BTD, rate, keys_B, site):
+    return (x_BTD.astype(jnp.float32) * _dropout_scale(keys_B, site, rate, x_BTD.shape)).astype(x_BTD.dtype), keys_B
+
+
+def _dropout_bwd(rate, site, keys_B, ct_BTD):
+    return (ct_BTD.astype(jnp.float32) * _dropout_scale(keys_B, site, rate, ct_BTD.shape)).astype(ct_BTD.dtype), None
+
+
+dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+def fold_rows(keys_B, data: int):
+    """Each row's key folded with `data` (a layer index, a site family)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, data)
+
+
 class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(cfg.initializer_range)

@@ -34,6 +34,7 @@ _SMALL = dict(
     dummy_token_ids=DUMMY_TOKEN_IDS, blocksparse_block_size=64, blocksparse_local_blocks=16,
     blocksparse_vert_stride=8, blocksparse_homo_head=False, dense_attention_every_n_layers=2,
     bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID, pad_token_id=None,
+    embd_dropout=0.1, resid_attn_dropout=0.0, resid_mlp_dropout=0.1,  # released training config (training only)
     param_dtype="bfloat16", dtype="bfloat16",
 )
 # The 128k factor lists differ per checkpoint revision: they come from the checkpoint's config.json.
@@ -155,9 +156,12 @@ def phi3small_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise _err("rope_position_scale", f"{get('rope_position_scale')!r}: only 1.0 (the released value) is "
                    "supported")
     for key in ("embedding_dropout_prob", "attention_dropout_prob", "ffn_dropout_prob"):
-        p = get(key)  # training-only dropout; phi3_jax trains without dropout
-        if p is None or not 0.0 <= float(p) < 1.0:
+        p = get(key)  # training-only dropout
+        if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
             raise _err(key, f"{p!r}: must be a probability in [0, 1)")
+    if get("attention_dropout_prob"):
+        raise _err("attention_dropout_prob", f"{get('attention_dropout_prob')!r}: dropout on attention "
+                   "probabilities is not implemented (released: 0.0)")
     for key in ("reorder_and_upcast_attn", "pad_sequence_to_multiple_of_64", "gegelu_pad_to_256",
                 "blocksparse_homo_head_pattern", "mup_use_scaling"):
         if not isinstance(get(key), bool):
@@ -208,6 +212,7 @@ def phi3small_from_hf(hf: dict[str, Any]) -> ModelConfig:
         dense_attention_every_n_layers=int(n_dense),
         bos_token_id=get("bos_token_id"), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"), initializer_range=float(hf.get("initializer_range", 0.02)),
+        embd_dropout=float(get("embedding_dropout_prob")), resid_mlp_dropout=float(get("ffn_dropout_prob")),
         param_dtype=dtype, dtype=dtype,
     )
 
@@ -225,6 +230,9 @@ def phi3small_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                           f"the tokenizer's 91 dummy ids exactly when vocab_size={VOCAB_SIZE}")
     if cfg.embedding_multiplier <= 0:
         raise ConfigError("ModelConfig.embedding_multiplier must be positive for the phi3small layout")
+    if cfg.resid_attn_dropout:
+        raise ConfigError(f"ModelConfig.resid_attn_dropout={cfg.resid_attn_dropout}: the phi3small layout has no "
+                          "dropout on the attention output (ffn_dropout_prob is the MLP's)")
     hf: dict[str, Any] = {
         "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -242,8 +250,8 @@ def phi3small_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "mup_use_scaling": cfg.attn_scale_multiplier is not None,
         "mup_attn_multiplier": 1.0 if cfg.attn_scale_multiplier is None else cfg.attn_scale_multiplier,
         "mup_embedding_multiplier": cfg.embedding_multiplier, "mup_width_multiplier": cfg.logit_divisor,
-        # phi3_jax trains without dropout; the released config's 0.1 / 0.0 / 0.1 only applies in training.
-        "embedding_dropout_prob": 0.0, "attention_dropout_prob": 0.0, "ffn_dropout_prob": 0.0,
+        "embedding_dropout_prob": cfg.embd_dropout, "attention_dropout_prob": 0.0,
+        "ffn_dropout_prob": cfg.resid_mlp_dropout,
         "pad_sequence_to_multiple_of_64": True, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": cfg.bos_token_id,
