@@ -1,5 +1,5 @@
 """Fused ops with custom gradients against plain JAX: the head + cross-entropy, the embedding lookup's float32
-gradient, SwiGLU."""
+gradient, SwiGLU, RMSNorm."""
 import dataclasses
 
 import jax
@@ -151,3 +151,28 @@ def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol):
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
                                atol=tol * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol):
+    from phi3_jax.model.layers import rms_norm
+
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(2, 8, 64)) * 2 + 0.5, dtype)
+    scale = jnp.asarray(1 + 0.1 * r.normal(size=(64,)), dtype)
+    w = jnp.asarray(r.normal(size=(2, 8, 64)), jnp.float32)
+
+    def plain(x, scale):
+        x32 = x.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)).astype(x.dtype)
+        return y * scale.astype(x.dtype)
+
+    np.testing.assert_array_equal(np.asarray(rms_norm(x, scale, 1e-5), np.float32),
+                                  np.asarray(plain(x, scale), np.float32))
+    loss = lambda f: lambda x, s: jnp.sum(f(x, s).astype(jnp.float32) * w)  # noqa: E731
+    got = jax.grad(loss(lambda x, s: rms_norm(x, s, 1e-5)), argnums=(0, 1))(x, scale)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, scale)
+    for g, h in zip(got, want):
+        assert g.dtype == h.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(h.astype(jnp.float32)))))

@@ -110,6 +110,35 @@ class Embed(nnx.Module):
         return embedding_lookup(self.embedding[...], ids_BT, self.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x_BTD, scale_D, eps: float):
+    """HF Phi3RMSNorm: normalise in float32, round to x's dtype, multiply by the weight in x's dtype.
+
+    The backward pass keeps x itself and the float32 inverse norm [B, T, 1]; autodiff would keep the
+    float32 copy of x (twice the bytes of a bf16 activation, per norm and layer, under the layer scan)."""
+    return _rms_norm_fwd(x_BTD, scale_D, eps)[0]
+
+
+def _rms_norm_fwd(x_BTD, scale_D, eps):
+    x32 = x_BTD.astype(jnp.float32)
+    r_BT1 = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y_BTD = (x32 * r_BT1).astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
+    return y_BTD, (x_BTD, scale_D, r_BT1)
+
+
+def _rms_norm_bwd(eps, res, dy_BTD):
+    x_BTD, scale_D, r_BT1 = res
+    x32, dy32 = x_BTD.astype(jnp.float32), dy_BTD.astype(jnp.float32)
+    n_BTD = x32 * r_BT1
+    dscale_D = jnp.sum(dy32 * n_BTD.astype(x_BTD.dtype).astype(jnp.float32), axis=tuple(range(x_BTD.ndim - 1)))
+    dn_BTD = dy32 * scale_D.astype(x_BTD.dtype).astype(jnp.float32)
+    dx_BTD = r_BT1 * (dn_BTD - n_BTD * jnp.mean(dn_BTD * n_BTD, axis=-1, keepdims=True))
+    return dx_BTD.astype(x_BTD.dtype), dscale_D.astype(scale_D.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
 class Norm(nnx.Module):
     """RMSNorm (phi3) or LayerNorm with bias (phi3small), normalising in float32."""
 
@@ -129,8 +158,7 @@ class Norm(nnx.Module):
             y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
             y32 = y32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
             return y32.astype(x_BTD.dtype)
-        y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x_BTD.dtype)
-        return y * self.scale[...].astype(x_BTD.dtype)
+        return rms_norm(x_BTD, self.scale[...], self.eps)
 
 
 def rope_tables(cfg: ModelConfig, positions_BT, dtype):
