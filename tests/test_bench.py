@@ -32,3 +32,20 @@ def test_attention_bench_smoke():
     r = _run("bench/attention.py", "--seqs", "4096")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decode seq 4096" in r.stdout and "smoke (reference" in r.stdout
+
+
+def test_hlo_traffic_tallies_kernels_of_a_compiled_module():
+    """bench/hlo_traffic.py's HLO reading, on a module compiled here (its GPU compile needs the CUDA plugin)."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import hlo_traffic
+
+    assert hlo_traffic.shape_bytes("(f32[2,3]{1,0}, bf16[4]{0}, pred[])") == 2 * 3 * 4 + 4 * 2 + 1
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32)
+    text = jax.jit(lambda x: jnp.sum(jnp.exp(x) * 2.0, axis=1)).lower(x).compile().as_text()
+    ks = hlo_traffic.kernels(text)
+    assert ks and all(k["written"] > 0 for k in ks)
+    assert max(k["read"] for k in ks) >= 64 * 128 * 4  # some kernel reads the whole input
+    assert "kernels; operand + output bytes" in hlo_traffic.report(ks, top=3)

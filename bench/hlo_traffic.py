@@ -1,0 +1,140 @@
+"""Where the bytes go in the GPU train step, from a CPU host: compile bench/train_step.py's step for an
+H100 without a GPU (XLA's deviceless compilation through the jax CUDA plugin) and tally each kernel's
+operand and output bytes in the optimized HLO.
+
+Not a timing: XLA skips autotuning without a device (GEMM back-ends may differ from a real compile), and a
+kernel's operand bytes are an upper bound on what it reads, and a `lax.scan` over layers is one `while`
+kernel here (its body is not descended into: `--unroll` gives the per-kernel view). It shows which kernels
+move whole activations or weights and how a model change moves the total, between GPU sessions.
+
+    pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--top 30]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+H100_SXM = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 24 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+H100_BANDWIDTH = 3.35e12  # bytes/s (HBM3, SXM)
+KERNEL_OPS = {"fusion", "custom-call", "copy", "scatter", "gather", "reduce", "transpose", "dynamic-update-slice",
+              "while", "sort"}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, |$)")
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape written in `text` (a tuple shape counts each element)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES[dtype]
+    return total
+
+
+def kernels(hlo_text: str) -> list[dict]:
+    """The entry computation's kernel-launching instructions: name, op, kind, operand / output bytes, shape,
+    and the JAX op name they came from."""
+    start = hlo_text.index("\nENTRY")
+    entry = hlo_text[start:hlo_text.index("\n}", start)]
+    sizes: dict[str, int] = {}
+    out = []
+    for line in entry.split("\n")[1:]:
+        m = _INSTR.match(line.strip())
+        if not m:
+            continue
+        name, shape, op, args = m.groups()
+        sizes[name] = shape_bytes(shape)
+        if op not in KERNEL_OPS:
+            continue
+        operands = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
+        kind = re.search(r"kind=(k\w+)", line) or re.search(r'custom_call_target="([^"]+)"', line)
+        source = re.search(r'op_name="([^"]+)"', line)
+        out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op,
+                        read=sum(sizes.get(a, 0) for a in operands), written=sizes[name], shape=shape,
+                        source=source.group(1) if source else ""))
+    return out
+
+
+def report(ks: list[dict], top: int) -> str:
+    total = sum(k["read"] + k["written"] for k in ks)
+    lines = [f"{len(ks)} kernels; operand + output bytes {total / 1e9:.1f} GB "
+             f"({total / H100_BANDWIDTH * 1e3:.1f} ms at {H100_BANDWIDTH / 1e12:.2f} TB/s, an upper bound)"]
+    by_kind = collections.Counter()
+    for k in ks:
+        by_kind[k["kind"]] += k["read"] + k["written"]
+    lines += [f"  {kind:32s} {b / 1e9:8.2f} GB" for kind, b in by_kind.most_common()]
+    lines.append(f"top {top} kernels other than GEMMs (kCustom) by bytes:")
+    rest = sorted((k for k in ks if k["kind"] != "kCustom"), key=lambda k: -(k["read"] + k["written"]))
+    lines += [f"  {(k['read'] + k['written']) / 1e9:6.2f} GB  {k['name'][:32]:32s} {k['shape'][:56]:56s} "
+              f"{k['source'][-70:]}" for k in rest[:top]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--unroll", action="store_true", help="layers unrolled instead of lax.scan")
+    p.add_argument("--loss-chunks", type=int, default=1)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--hlo-out", metavar="FILE", help="also write the optimized HLO text here")
+    args = p.parse_args(argv)
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    import train_step as bench
+    from phi3_jax import optim, sharding as shd, train_state as ts
+    from phi3_jax.checkpoint import abstract_params
+
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=H100_SXM, topology="1x1x1")
+    except Exception as e:  # noqa: BLE001  (no plugin, or the plugin refused to start)
+        print(f"no deviceless CUDA compiler: {e}\n(install the jax CUDA plugin as the docstring says)", file=sys.stderr)
+        return 2
+    s = dict(bench.GPU_SHAPE)
+    cfg = bench.model_config(s, "bfloat16", "gpu", "cudnn", "none", not args.unroll)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, topo.devices[:1])
+    tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
+                                 clip_norm=1.0)
+    fns = ts.build(cfg, tx, mesh, compute_dtype="bfloat16", loss_chunks=args.loss_chunks)
+    B, T = s["batch"], s["seq"]
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=fns.batch_sharding) for k in ("inputs", "targets", "loss_mask")}
+    compiled = fns.train_step.lower(fns.abstract_state, batch).compile()
+    text = compiled.as_text()
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as f:
+            f.write(text)
+    mem = compiled.memory_analysis()
+    print(f"train step at bench/train_step.py's GPU shape, {'unrolled' if args.unroll else 'scanned'} layers, "
+          f"jax {jax.__version__}, compiled for {topo.devices[0].device_kind} without a device")
+    print(f"memory: arguments {mem.argument_size_in_bytes / 1e9:.2f} GB, temporaries {mem.temp_size_in_bytes / 1e9:.2f} GB")
+    print(report(kernels(text), args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
