@@ -9,7 +9,10 @@
 #   bash bench/gpu_checks.sh [OUTDIR]      # log: OUTDIR/gpu_checks.log (default $OUT or /tmp/phi3_gpu)
 #   STEPS="kernels attention" bash bench/gpu_checks.sh    # a subset (names: the `step` lines below;
 #                                                         # train_scanned runs only when named)
-# Each step's limit bounds it; name a subset when the lease is shorter than their sum.
+# Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
+# capped at 600 s, so split the list over calls, most important first, e.g.
+#   STEPS="env train train_notriton train_profile" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
