@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     B, T = s["batch"], s["seq"]
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=fns.batch_sharding) for k in ("inputs", "targets", "loss_mask")}
-    compiled = fns.train_step.lower(fns.abstract_state, batch).compile()
+    from phi3_jax.aot import traced_as
+
+    with traced_as("gpu"):  # the model picks its GPU code paths (attention, fused backward passes)
+        lowered = fns.train_step.lower(fns.abstract_state, batch)
+    compiled = lowered.compile()
     text = compiled.as_text()
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:

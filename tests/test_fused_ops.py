@@ -176,3 +176,24 @@ def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol):
         assert g.dtype == h.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=tol,
                                    atol=tol * float(jnp.max(jnp.abs(h.astype(jnp.float32)))))
+
+
+def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch):
+    """The GPU path (layers.FUSED_BACKWARD) through the whole model: loss and every gradient as autodiff's."""
+    from flax import nnx
+
+    from phi3_jax.model import layers
+
+    cfg = get_preset("phi-3-tiny", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16, intermediate_size=128, attention_impl="xla")
+    graphdef, params = ts.split_model(init_model(cfg, 0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 17)), jnp.int32)
+    mask = jnp.ones((2, 16), jnp.float32)
+    loss = lambda p: nnx.merge(graphdef, p).loss_sums(ids[:, :-1], ids[:, 1:], mask)[0]  # noqa: E731
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED_BACKWARD", fused)
+        out[fused] = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(jnp.max(jnp.abs(b))))),
+                 out[True][1], out[False][1])

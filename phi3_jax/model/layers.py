@@ -110,6 +110,24 @@ class Embed(nnx.Module):
         return embedding_lookup(self.embedding[...], ids_BT, self.dtype)
 
 
+# The hand-written backward passes of rms_norm and swiglu cut XLA:GPU's memory traffic (bench/hlo_traffic.py:
+# the SwiGLU backward was three kernels, the norm kept a float32 copy of x under the layer scan) but raise
+# XLA:TPU's temporaries under full rematerialisation (phi-3-mini on v5p-64: 27.17 -> 36.17 GiB per chip,
+# bench/RESULTS.md). None: on GPUs only; tests force True / False.
+FUSED_BACKWARD: bool | None = None
+
+
+def fused_backward() -> bool:
+    return jax.default_backend() == "gpu" if FUSED_BACKWARD is None else FUSED_BACKWARD
+
+
+def plain_rms_norm(x_BTD, scale_D, eps: float):
+    """rms_norm's forward, differentiated by JAX."""
+    x32 = x_BTD.astype(jnp.float32)
+    y_BTD = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x_BTD.dtype)
+    return y_BTD * scale_D.astype(x_BTD.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x_BTD, scale_D, eps: float):
     """HF Phi3RMSNorm: normalise in float32, round to x's dtype, multiply by the weight in x's dtype.
@@ -122,7 +140,7 @@ def rms_norm(x_BTD, scale_D, eps: float):
 def _rms_norm_fwd(x_BTD, scale_D, eps):
     x32 = x_BTD.astype(jnp.float32)
     r_BT1 = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    y_BTD = (x32 * r_BT1).astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)
+    y_BTD = (x32 * r_BT1).astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)  # = plain_rms_norm
     return y_BTD, (x_BTD, scale_D, r_BT1)
 
 
@@ -150,15 +168,16 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((D,), pdt)) if self.kind == "layer" else None
 
     def __call__(self, x_BTD):
-        x32 = x_BTD.astype(jnp.float32)
         if self.kind == "layer":
+            x32 = x_BTD.astype(jnp.float32)
             # torch.nn.LayerNorm applies weight and bias in float32 and rounds once (bf16: bit-equal
             # on all but ~3e-5 of the entries, against ~37% when rounding before the weight).
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
             y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
             y32 = y32 * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
             return y32.astype(x_BTD.dtype)
-        return rms_norm(x_BTD, self.scale[...], self.eps)
+        norm = rms_norm if fused_backward() else plain_rms_norm
+        return norm(x_BTD, self.scale[...], self.eps)
 
 
 def rope_tables(cfg: ModelConfig, positions_BT, dtype):
@@ -192,6 +211,12 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     half = x_BTNH.shape[-1] // 2
     rot_BTNH = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     return x_BTNH * cos_BTH[:, :, None, :] + rot_BTNH * sin_BTH[:, :, None, :]
+
+
+def plain_swiglu(z_BTF):
+    """silu(gate) * up in z's dtype, differentiated by JAX."""
+    g_BTI, u_BTI = jnp.split(z_BTF, 2, axis=-1)
+    return jax.nn.silu(g_BTI) * u_BTI
 
 
 @jax.custom_vjp
@@ -243,7 +268,7 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD):
         z_BTF = self.gate_up_proj(x_BTD)
         if self.kind == "swiglu":
-            h_BTI = swiglu(z_BTF)
+            h_BTI = swiglu(z_BTF) if fused_backward() else plain_swiglu(z_BTF)
         else:
             g_BTI, l_BTI = z_BTF[..., 0::2], z_BTF[..., 1::2]
             # Clamp finite values only; infinities pass through as in the reference.
