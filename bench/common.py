@@ -74,8 +74,11 @@ def run_frameworks(script_path: str, passthrough: list[str],
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """The command as run, for a results entry: `python SCRIPT ARGS`."""
-    return ("python " + script + " " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    """The command as run, for a results entry: `[XLA_FLAGS=...] python SCRIPT ARGS` (XLA's flags change
+    what is measured, so an entry names them)."""
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    prefix = f"XLA_FLAGS='{flags}' " if flags else ""
+    return (prefix + "python " + script + " " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
 
 def run_and_append(script_path: str, argv: list[str] | None, append: str | None,
