@@ -69,11 +69,11 @@ def test_model_drops_only_with_keys_and_rates():
         assert float(one.loss_sums(*args, dropout_keys_B=_keys(2))[0]) not in (plain, dropped)
 
 
-def _step(cfg, grad_accum=1, seed=0, mesh_shape=None):
+def _step(cfg, grad_accum=1, seed=0, mesh_shape=None, loss_chunks=1):
     mesh = shd.make_mesh(mesh_shape or {"fsdp": -1})
     params = ts.split_model(init_model(cfg, 0))[1]
     tx, _ = optim.make_optimizer(params, lr=1e-3, steps=10, warmup_steps=0, weight_decay=0.1)
-    fns = ts.build(cfg, tx, mesh, grad_accum=grad_accum, seed=seed)
+    fns = ts.build(cfg, tx, mesh, grad_accum=grad_accum, seed=seed, loss_chunks=loss_chunks)
     batch = shd.make_global_batch(mesh, _batch(), 8)
     state, m = fns.train_step(fns.init(0), batch)
     state, m2 = fns.train_step(state, batch)
@@ -83,7 +83,8 @@ def _step(cfg, grad_accum=1, seed=0, mesh_shape=None):
 def test_train_step_masks_do_not_depend_on_grad_accum_or_mesh_but_on_seed_and_step():
     _, _, _, ref = _step(CFG)
     _, _, _, accum = _step(CFG, grad_accum=4)
-    _, _, _, mesh = _step(CFG, mesh_shape={"data": 2, "fsdp": 2, "tensor": 2})
+    # (the tensor axis also splits the tied head's vocabulary, here with the loss in 4 chunks)
+    _, _, _, mesh = _step(CFG, mesh_shape={"data": 2, "fsdp": 2, "tensor": 2}, loss_chunks=4)
     _, _, _, other_seed = _step(CFG, seed=1)
     np.testing.assert_allclose(accum, ref, rtol=2e-5)
     np.testing.assert_allclose(mesh, ref, rtol=2e-5)
