@@ -108,6 +108,10 @@ def test_embedding_gradient_sums_in_float32_under_bf16_compute():
     loss = lambda t: jnp.sum(embedding_lookup(t, ids, jnp.bfloat16).astype(jnp.float32) * ct)  # noqa: E731
     naive = lambda t: jnp.sum(jnp.take(t.astype(jnp.bfloat16), ids, axis=0).astype(jnp.float32) * ct)  # noqa: E731
     np.testing.assert_allclose(jax.grad(loss)(table)[0], expect, rtol=1e-4)
+    # bf16 master weights: summed in float32, rounded once.
+    g16 = jax.grad(loss)(table.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16[0], np.float32), expect, rtol=1e-2)
     assert abs(float(jax.grad(naive)(table)[0, 0]) - expect[0]) > 1.0  # what the lookup avoids
     assert embedding_lookup(table, ids, jnp.bfloat16).dtype == jnp.bfloat16
 

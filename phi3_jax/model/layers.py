@@ -38,7 +38,7 @@ class Linear(nnx.Module):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def embedding_lookup(table_VD, ids_BT, dtype):
-    """Rows of the table in `dtype`; the gradient is accumulated in the table's own dtype.
+    """Rows of the table in `dtype`; the gradient is accumulated in float32 (then given the table's dtype).
 
     Differentiating `take(table.astype(bf16), ids)` would scatter-add the row gradients in bf16, and a
     token repeated a few hundred times in a batch stops accumulating (the sum outgrows the addends' bits).
@@ -58,8 +58,8 @@ def _lookup_fwd(table_VD, ids_BT, dtype):
 
 def _lookup_bwd(dtype, res, ct_BTD):
     table_VD, ids_BT = res
-    grad_VD = jnp.zeros_like(table_VD).at[ids_BT].add(ct_BTD.astype(table_VD.dtype), mode="drop")
-    return grad_VD, None
+    grad_VD = jnp.zeros(table_VD.shape, jnp.float32).at[ids_BT].add(ct_BTD.astype(jnp.float32), mode="drop")
+    return grad_VD.astype(table_VD.dtype), None
 
 
 embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
