@@ -11,7 +11,7 @@
 #                                                         # train_scanned runs only when named)
 # Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
 # capped at 600 s, so split the list over calls, most important first, e.g.
-#   STEPS="env train train_notriton train_profile" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="env fused train train_notriton train_profile" bash bench/gpu_checks.sh "$OUT"
 #   STEPS="train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env train train_notriton train_profile train_breakdown train_chunks kernels attention train_packed forward"}
+steps=${STEPS:-"env fused train train_notriton train_profile train_breakdown train_chunks kernels attention train_packed forward"}
 
 step() {
   local name=$1 limit=$2
@@ -41,6 +41,8 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
 import jax, flax, optax, torch, transformers
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__,
       \"torch\", torch.__version__, \"transformers\", transformers.__version__)'"
+# The GPU-only backward passes (layers.FUSED_BACKWARD) and the fused loss against autodiff, on the device.
+step fused 120 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   $py bench/train_step.py --device gpu --only jax --unroll
