@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
-# bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off, the loss in
+# the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off, the loss in
 # chunks, the forward / backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
 # tests, bench/attention.py (with its correctness checks) and bench/forward.py at phi-3-mini width.
 # Steps run in order of importance, each under its own time limit; a failing step is logged and the next

