@@ -37,9 +37,9 @@ def test_head_loss_matches_optax_value_and_grads(chunks, divisor, dummy):
     f = lambda x, w: head_loss(x, w, t, m, divisor=divisor, dummy_ids=dummy, chunks=chunks)  # noqa: E731
     ref = lambda x, w: _reference(x, w, t, m, divisor, dummy)  # noqa: E731
     (l, (gx, gw)), (lr, (gxr, gwr)) = (jax.value_and_grad(fn, argnums=(0, 1))(x, w) for fn in (f, ref))
-    np.testing.assert_allclose(l, lr, rtol=1e-6)
-    np.testing.assert_allclose(gx, gxr, atol=1e-6)
-    np.testing.assert_allclose(gw, gwr, atol=1e-6)
+    np.testing.assert_allclose(l, lr, rtol=1e-5)
+    np.testing.assert_allclose(gx, gxr, atol=1e-5)
+    np.testing.assert_allclose(gw, gwr, atol=1e-5)
     # Masked tokens get no gradient, and the padding columns none either.
     assert not np.any(np.asarray(gx)[np.asarray(m) == 0])
     if dummy:
@@ -50,7 +50,7 @@ def test_head_loss_scales_with_the_cotangent_and_under_jit():
     x, w, t, m = _inputs(seed=1)
     g = jax.jit(jax.grad(lambda x: 3.0 * head_loss(x, w, t, m) / jnp.sum(m)))(x)
     gr = jax.grad(lambda x: 3.0 * _reference(x, w, t, m) / jnp.sum(m))(x)
-    np.testing.assert_allclose(g, gr, atol=1e-6)
+    np.testing.assert_allclose(g, gr, atol=1e-5)
 
 
 def test_head_loss_bf16_keeps_the_reference_roundings():
@@ -136,7 +136,7 @@ def test_train_step_loss_chunks_give_the_same_step():
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol):
     """The MLP's fused-width backward (one elementwise pass over [gate | up]) against JAX's own."""
     from phi3_jax.model.layers import swiglu
