@@ -10,11 +10,13 @@ The state is a plain dict pytree (what Orbax saves and what shardings are comput
 
 The model's graph definition is static (`nnx.split` once); the hot loop is a plain `jax.jit` of
 `train_step(state, batch)` with the state donated. Parameters are cast to the compute dtype inside the
-step (float32 master weights and optimizer state, bf16 matmuls), and gradient accumulation is a
-`lax.scan` over microbatches inside the same jit.
+step (float32 master weights and optimizer state, bf16 matmuls; the embedding table is cast per row, so its
+gradient sums in float32), and gradient accumulation is a `lax.scan` over microbatches inside the same jit.
+With dropout in the model config, the train step draws masks from (train.seed, step, row).
 
-Loss: masked next-token cross-entropy on packed batches, averaged over the loss-mask tokens of the whole
-global batch (every microbatch included), so grad_accum and the mesh shape do not change the loss.
+Loss: masked next-token cross-entropy on packed batches (the head and the loss as one op, `loss_chunks`
+slices of the sequence at a time), averaged over the loss-mask tokens of the whole global batch (every
+microbatch included), so grad_accum and the mesh shape do not change the loss.
 """
 from __future__ import annotations
 
