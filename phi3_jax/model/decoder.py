@@ -18,7 +18,7 @@ from phi3_jax.model.attention import Attention
 from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dropout, dtype_of, fold_rows, rope_tables
-from phi3_jax.ops.cross_entropy import head_loss
+from phi3_jax.ops.cross_entropy import head_logits, head_loss
 
 
 class Block(nnx.Module):
@@ -143,15 +143,7 @@ class Decoder(nnx.Module):
     def logits(self, x_BTD):
         """float32 logits [B, T, vocab] from final hidden states: head matmul in the compute dtype, phi-3-small's
         divisor and masked padding rows."""
-        cfg = self.cfg
-        logits_BTV = jnp.dot(x_BTD, self.head_weight().astype(x_BTD.dtype))
-        logits_BTV = shd.constrain(logits_BTV.astype(jnp.float32), shd.ACT_BTV)
-        if cfg.logit_divisor != 1.0:
-            logits_BTV = logits_BTV / cfg.logit_divisor
-        if cfg.dummy_token_ids:
-            dummy_V = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.dummy_token_ids)].set(True)
-            logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
-        return logits_BTV
+        return head_logits(x_BTD, self.head_weight(), self.cfg.logit_divisor, tuple(self.cfg.dummy_token_ids or ()))
 
     def loss_sums(self, input_ids_BT, targets_BT, mask_BT, *, positions_BT=None, segment_ids_BT=None,
                   impl: str | None = None, chunks: int = 1, dropout_keys_B=None):

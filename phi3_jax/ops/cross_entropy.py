@@ -35,8 +35,9 @@ def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_i
                       int(chunks))
 
 
-def _logits(x_BTD, w_DV, divisor, dummy_ids):
-    """float32 logits (from a matmul that rounds to x's dtype, as the model's own head does)."""
+def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
+    """float32 logits [B, T, V]: the head matmul in x's dtype (rounded there, as in the reference models),
+    then the divisor and the padding columns at the float32 minimum."""
     logits_BTV = shd.constrain(jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)), shd.ACT_BTV).astype(jnp.float32)
     if divisor != 1.0:
         logits_BTV = logits_BTV / divisor
@@ -48,7 +49,7 @@ def _logits(x_BTD, w_DV, divisor, dummy_ids):
 
 def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     """(masked loss sum, d loss_sum / d (x @ w) in x's dtype) for one chunk."""
-    logits_BTV = _logits(x_BTD, w_DV, divisor, dummy_ids)
+    logits_BTV = head_logits(x_BTD, w_DV, divisor, dummy_ids)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     loss = jnp.sum((lse_BT - target_BT) * mask_BT)
@@ -87,7 +88,7 @@ def _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
 
     def body(total, xs):
         x, t, m = xs
-        logits = _logits(x, w_DV, divisor, dummy_ids)
+        logits = head_logits(x, w_DV, divisor, dummy_ids)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return total + jnp.sum((lse - tgt) * m), None
