@@ -2,7 +2,7 @@
 
 `head_loss(x_BTD, w_DV, targets_BT, mask_BT)` = sum over unmasked tokens of
 logsumexp(logits) - logits[target], with logits = (x @ w) / divisor in float32 and the `dummy_ids` columns
-at -inf. It is what `optax.softmax_cross_entropy_with_integer_labels(model(ids), targets)` computes, with
+at the float32 minimum. It is what `optax.softmax_cross_entropy_with_integer_labels(model(ids), targets)` computes, with
 the same roundings (the matmul emits logits in x's dtype, the softmax runs in float32), but no float32
 [batch, seq, vocab] array is ever stored:
 
@@ -47,12 +47,17 @@ def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = 
     return logits_BTV
 
 
+def _loss_and_lse(logits_BTV, targets_BT, mask_BT):
+    """(masked sum of logsumexp - target logit, the logsumexp [B, T])."""
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
+
+
 def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     """(masked loss sum, d loss_sum / d (x @ w) in x's dtype) for one chunk."""
     logits_BTV = head_logits(x_BTD, w_DV, divisor, dummy_ids)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    loss = jnp.sum((lse_BT - target_BT) * mask_BT)
+    loss, lse_BT = _loss_and_lse(logits_BTV, targets_BT, mask_BT)
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
     scale_BT = mask_BT / divisor
     dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]
@@ -88,10 +93,7 @@ def _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
 
     def body(total, xs):
         x, t, m = xs
-        logits = head_logits(x, w_DV, divisor, dummy_ids)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return total + jnp.sum((lse - tgt) * m), None
+        return total + _loss_and_lse(head_logits(x, w_DV, divisor, dummy_ids), t, m)[0], None
 
     xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(mask_BT, chunks))
     loss, _ = jax.lax.scan(body, jnp.float32(0), xs)
