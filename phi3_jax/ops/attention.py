@@ -1,7 +1,8 @@
 """attention(q, k, v, mask, impl=...): the one attention entry point every model layer calls.
 
 Implementations:
-- "xla": plain JAX, the reference every other path is tested against; runs anywhere.
+- "xla": plain JAX, runs anywhere: `reference_attention`'s values with a hand-written backward pass
+  (`xla_attention`); `reference_attention` under autodiff is what every path is tested against.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
 - "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks (their
   TPU decode kernel for one-token steps against a KV cache: q_index set, kv_index None), and
@@ -20,6 +21,7 @@ description into whatever it needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -148,15 +150,12 @@ def dense_mask(mask: Mask, batch: int, q_len: int, kv_len: int, num_heads: int):
     return allowed_BNTS
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    """Softmax attention as written, differentiated by autodiff: the reference every path is tested against."""
     B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-    G = N // K
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-    allowed_BNTS = dense_mask(mask, B, T, S, N)
-    allowed_BKGTS = allowed_BNTS.reshape(B, -1, 1 if allowed_BNTS.shape[1] == 1 else G, T, S)
-    s_BKGTS = jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask, scale)
     # A query with no visible key (padding) gets zeros instead of NaN.
     m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
     m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)
@@ -165,6 +164,69 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
                          preferred_element_type=jnp.float32)
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _masked_scores(q_BTKGH, k_BSKH, mask: Mask, scale: float):
+    """float32 scores q.k * scale, -inf where the mask hides the key: [B, K, G, T, S]."""
+    B, T, K, G, _ = q_BTKGH.shape
+    S = k_BSKH.shape[1]
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    allowed_BNTS = dense_mask(mask, B, T, S, K * G)
+    allowed_BKGTS = allowed_BNTS.reshape(B, -1, 1 if allowed_BNTS.shape[1] == 1 else G, T, S)
+    return jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    """reference_attention's values with a hand-written backward pass: it keeps only the output and the
+    rows' logsumexp and recomputes the probabilities, where autodiff of the reference keeps several
+    [B, N, T, S] float32 tensors (mask select, exponentials, probabilities) and walks each back in its own
+    pass. The plain-XLA path is what CPUs train with."""
+    return _xla_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask, scale)[0]
+
+
+def _xla_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask, scale)
+    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)  # a query with no visible key: zeros, not NaN
+    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
+    l_BKGT1 = jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
+    # Normalising the [T, H] output instead of the [T, S] probabilities saves a pass over the scores.
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+                         preferred_element_type=jnp.float32)
+    o_BTKGH = o_BTKGH / jnp.moveaxis(l_BKGT1, 3, 1)
+    o_BTNH = o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    lse_BKGT1 = m_BKGT1 + jnp.log(l_BKGT1)
+    return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, mask, o_BTNH, lse_BKGT1)
+
+
+def _xla_attention_bwd(scale: float, res, do_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, mask, o_BTNH, lse_BKGT1 = res
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    G = N // K
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    do_BTKGH = do_BTNH.reshape(B, T, K, G, H)
+    p_BKGTS = jnp.exp(_masked_scores(q_BTKGH, k_BSKH, mask, scale) - lse_BKGT1)  # hidden keys: exactly 0
+    dv_BSKH = jnp.einsum("bkgts,btkgh->bskh", p_BKGTS.astype(do_BTNH.dtype), do_BTKGH,
+                         preferred_element_type=jnp.float32)
+    dp_BKGTS = jnp.einsum("btkgh,bskh->bkgts", do_BTKGH, v_BSKH, preferred_element_type=jnp.float32)
+    # sum_s p_ts dp_ts = do_t . o_t: the softmax backward's row term without a pass over [T, S].
+    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", do_BTKGH.astype(jnp.float32),
+                            o_BTNH.reshape(B, T, K, G, H).astype(jnp.float32))
+    ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BKGT[..., None])
+    dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS.astype(q_BTNH.dtype), k_BSKH,
+                          preferred_element_type=jnp.float32) * scale
+    dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS.astype(q_BTNH.dtype), q_BTKGH,
+                         preferred_element_type=jnp.float32) * scale
+    return (dq_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype), dk_BSKH.astype(k_BSKH.dtype),
+            dv_BSKH.astype(v_BSKH.dtype), None)
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def _cudnn(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
