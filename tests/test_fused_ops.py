@@ -46,6 +46,19 @@ def test_head_loss_matches_optax_value_and_grads(chunks, divisor, dummy):
         assert not np.any(np.asarray(gw)[:, list(dummy)])
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_head_loss_is_stable_for_logits_in_the_thousands(chunks):
+    """The one-pass logsumexp rescales its running sum by exp(old max - new max): no overflow, no NaN."""
+    x, w, t, m = _inputs(seed=3)
+    x = x * 2000.0
+    f = lambda x, w: head_loss(x, w, t, m, dummy_ids=(39,), chunks=chunks)  # noqa: E731
+    ref = lambda x, w: _reference(x, w, t, m, dummy_ids=(39,))  # noqa: E731
+    (l, (gx, gw)), (lr, (gxr, gwr)) = (jax.value_and_grad(fn, argnums=(0, 1))(x, w) for fn in (f, ref))
+    assert np.isfinite(l) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
+    np.testing.assert_allclose(l, lr, rtol=1e-5)
+    np.testing.assert_allclose(gw, gwr, atol=1e-3 * np.max(np.abs(gwr)))
+
+
 def test_head_loss_scales_with_the_cotangent_and_under_jit():
     x, w, t, m = _inputs(seed=1)
     g = jax.jit(jax.grad(lambda x: 3.0 * head_loss(x, w, t, m) / jnp.sum(m)))(x)

@@ -47,9 +47,23 @@ def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = 
     return logits_BTV
 
 
+def _logsumexp(logits_BTV):
+    """Row logsumexp [B, T] of finite logits in one read: a running (max, sum of exp(x - max)) pair, where
+    jax.nn.logsumexp reads the [B, T, V] logits twice (the max, then the sum)."""
+    low = jnp.finfo(jnp.float32).min  # a finite start: exp(low - low) * 0 stays 0, where -inf gives NaN
+
+    def combine(a, b):
+        m = jnp.maximum(a[0], b[0])
+        return m, a[1] * jnp.exp(a[0] - m) + b[1] * jnp.exp(b[0] - m)
+
+    m_BT, s_BT = jax.lax.reduce((logits_BTV, jnp.ones_like(logits_BTV)), (low, jnp.float32(0)), combine,
+                                (logits_BTV.ndim - 1,))
+    return m_BT + jnp.log(s_BT)
+
+
 def _loss_and_lse(logits_BTV, targets_BT, mask_BT):
     """(masked sum of logsumexp - target logit, the logsumexp [B, T])."""
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    lse_BT = _logsumexp(logits_BTV)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
 
