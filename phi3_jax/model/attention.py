@@ -23,10 +23,10 @@ def split_qkv(cfg: ModelConfig, qkv_BTF):
         z_BTKSH = qkv_BTF.reshape(B, T, K, cfg.q_per_kv + 2, H)
         q_BTNH = z_BTKSH[:, :, :, : cfg.q_per_kv].reshape(B, T, N, H)
         return q_BTNH, z_BTKSH[:, :, :, -2], z_BTKSH[:, :, :, -1]
-    # One split (its transpose is a concatenation), not three slices (whose transposes are three padded
-    # copies summed into the fused gradient).
-    q_BTF, k_BTF, v_BTF = jnp.split(qkv_BTF, [N * H, (N + K) * H], axis=-1)
-    return q_BTF.reshape(B, T, N, H), k_BTF.reshape(B, T, K, H), v_BTF.reshape(B, T, K, H)
+    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
+    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
+    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
+    return q_BTNH, k_BTKH, v_BTKH
 
 
 def window_bound(cfg: ModelConfig) -> int | None:
