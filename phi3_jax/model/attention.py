@@ -23,6 +23,8 @@ def split_qkv(cfg: ModelConfig, qkv_BTF):
         z_BTKSH = qkv_BTF.reshape(B, T, K, cfg.q_per_kv + 2, H)
         q_BTNH = z_BTKSH[:, :, :, : cfg.q_per_kv].reshape(B, T, N, H)
         return q_BTNH, z_BTKSH[:, :, :, -2], z_BTKSH[:, :, :, -1]
+    # Slices, not jnp.split: on GPUs XLA fuses their padded transposes with RoPE's backward into one kernel
+    # per layer, which split's concatenation does not (bench/hlo_traffic.py).
     q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
     k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
     v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
