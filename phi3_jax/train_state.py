@@ -152,9 +152,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Non-finite gradients would poison Adam's moments even where the update is discarded: zero them.
-        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-        updates, new_opt = tx.update(safe_grads, state["opt_state"], params)
+        # A non-finite step computes NaN updates and moments, and `keep` below discards them all (the old
+        # params and optimizer state stay). Zeroing the gradients first would cost a full read and write
+        # of them, and hide them from XLA's CSE of clip_by_global_norm's norm with `grad_norm` above.
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = {
