@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
-# the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off, the loss in
+# the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off and other XLA flags, the loss in
 # chunks, the forward / backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
 # tests, bench/attention.py (with its correctness checks) and bench/forward.py at phi-3-mini width.
 # Steps run in order of importance, each under its own time limit; a failing step is logged and the next
@@ -12,7 +12,7 @@
 # Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
 # capped at 600 s, so split the list over calls, most important first, e.g.
 #   STEPS="env fused train train_notriton train_profile" bash bench/gpu_checks.sh "$OUT"
-#   STEPS="train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="train_flags train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -22,7 +22,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env fused train train_notriton train_profile train_breakdown train_chunks kernels attention train_packed forward"}
+steps=${STEPS:-"env fused train train_notriton train_profile train_flags train_breakdown train_chunks kernels attention train_packed forward"}
 
 step() {
   local name=$1 limit=$2
@@ -47,6 +47,11 @@ step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESU
 step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   $py bench/train_step.py --device gpu --only jax --unroll
 step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
+# More of XLA's GPU GEMM and scheduling choices, one process each (XLA reads its flags once): the RESULT lines.
+step train_flags 300 bash -c 'for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+    "--xla_gpu_exhaustive_tiling_search=true" "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="; do
+  echo "XLA_FLAGS=$f"; XLA_FLAGS="$f" "$0" bench/train_step.py --device gpu --only jax --unroll 2>&1 | grep -E "RESULT|Error"
+done' "$py"
 step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
 step train_chunks 180 $py bench/train_step.py --device gpu --only jax --unroll --loss-chunks 4
 step train_scanned 180 $py bench/train_step.py --device gpu --only jax
