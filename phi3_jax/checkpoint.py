@@ -31,6 +31,7 @@ TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
 TRAIN_CONFIG_ITEM = "train_config"
 WORKDIR_CHECKPOINTS = "checkpoints"
+COMPUTE_COPY = "compute_params"  # the train state's cast weights: not saved, cast again on restore
 
 __all__ = ["CheckpointError", "Source", "resolve", "save_model", "read_config", "restore_params", "load_model",
            "abstract_params", "model_from_params", "model_params", "check_tree", "flatten", "unflatten"]
@@ -300,12 +301,23 @@ def _first_line(e: BaseException) -> str:
 # Each step folder holds
 #   "params"        the float32 master weights (StandardSave; read by restore_params / phi3_jax.load)
 #   "config"        ModelConfig.to_dict() (JsonSave)
-#   "train_state"   {"opt_state", "step", "nonfinite_run", "skipped"} (StandardSave)
+#   "train_state"   {"opt_state", "step", "nonfinite_run", "skipped"} (StandardSave); the state's
+#                   "compute_params" (bf16 copies of the weights) is not saved: restore casts it again
 #   "data"          the data iterator state, one JSON file per process (grain's CheckpointHandler)
 #   "train_config"  the whole resolved training config (JsonSave)
 # Saves are asynchronous (arrays are copied off the device before `save` returns, files are written in
 # the background); keep-last-N plus keep-every-K (ocp.CheckpointManagerOptions max_to_keep / keep_period).
 
+
+
+def _cast_like(params: dict, abstract_copy: dict) -> dict:
+    """The subtree of `params` that `abstract_copy` names, cast to its dtypes and placed with its shardings."""
+    import jax
+
+    sub = {k: params[k] for k in abstract_copy}
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_copy)
+    return jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype), p, abstract_copy),
+                   out_shardings=shardings)(sub)
 
 
 class _DataState:
@@ -342,7 +354,7 @@ class TrainCheckpointer:
         import orbax.checkpoint as ocp
         from grain.checkpoint import CheckpointSave
 
-        rest = {k: v for k, v in state.items() if k != "params"}
+        rest = {k: v for k, v in state.items() if k not in ("params", COMPUTE_COPY)}
         self._mngr.save(int(step), force=True, args=ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
             CONFIG_ITEM: ocp.args.JsonSave(model_cfg.to_dict()),
@@ -375,7 +387,7 @@ class TrainCheckpointer:
             raise CheckpointError(f"{step_dir}: checkpoint of a {saved.family} model, the config builds a "
                                   f"{model_cfg.family} model; use a new --workdir or the config it was trained with")
         _check_data_processes(step_dir / DATA_ITEM)
-        rest = {k: v for k, v in abstract_state.items() if k != "params"}
+        rest = {k: v for k, v in abstract_state.items() if k not in ("params", COMPUTE_COPY)}
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**{
                 PARAMS_ITEM: ocp.args.StandardRestore(abstract_state["params"]),
@@ -393,7 +405,10 @@ class TrainCheckpointer:
             raise CheckpointError(f"{step_dir}: unreadable, the checkpoint may be corrupt "
                                   f"({type(e).__name__}: {_first_line(e)}); move the step folder away to resume "
                                   "from an earlier one, or use a new --workdir") from None
-        return {"params": out[PARAMS_ITEM], **out[TRAIN_STATE_ITEM]}
+        state = {"params": out[PARAMS_ITEM], **out[TRAIN_STATE_ITEM]}
+        if COMPUTE_COPY in abstract_state:
+            state[COMPUTE_COPY] = _cast_like(state["params"], abstract_state[COMPUTE_COPY])
+        return state
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

@@ -4,14 +4,20 @@ The state is a plain dict pytree (what Orbax saves and what shardings are comput
 
     {"params": nested dict of float32 master weights (the model's nnx.Param state as a pure dict),
      "opt_state": the optax state,
+     "compute_params": (GPU meshes, when the compute dtype differs from the master weights', e.g. bf16 on
+         float32) every weight but the embedding table, already cast: the optimizer update writes it in the
+         same pass that writes the master weights, so a step never reads the float32 weights just to cast
+         them (see COMPUTE_COPY),
      "step": int32 steps taken (applied or skipped),
      "nonfinite_run": int32 consecutive steps skipped for a non-finite loss or gradient,
      "skipped": int32 steps skipped in all}
 
 The model's graph definition is static (`nnx.split` once); the hot loop is a plain `jax.jit` of
-`train_step(state, batch)` with the state donated. Parameters are cast to the compute dtype inside the
-step (float32 master weights and optimizer state, bf16 matmuls; the embedding table is cast per row, so its
-gradient sums in float32), and gradient accumulation is a `lax.scan` over microbatches inside the same jit.
+`train_step(state, batch)` with the state donated. The step computes with the weights in the compute dtype
+(float32 master weights and optimizer state, bf16 matmuls; the embedding table is cast per row, so its
+gradient sums in float32) and converts their gradients back to float32 before the optimizer, and gradient
+accumulation is a `lax.scan` over microbatches inside the same jit, summing in float32. Checkpoints leave
+"compute_params" out; a restore casts it again from the master weights.
 With dropout in the model config, the train step draws masks from (train.seed, step, row).
 
 Loss: masked next-token cross-entropy on packed batches (the head and the loss as one op, `loss_chunks`
@@ -59,6 +65,37 @@ def compute_params(params: dict, dtype) -> dict:
     """The master weights as the step computes with them: cast to `dtype` once (so FSDP gathers them in
     it), except the embedding table, which the model casts per row so its gradient sums in float32."""
     return {k: v if k == "embed_tokens" else cast_floats(v, dtype) for k, v in params.items()}
+
+
+def compute_copy(params: dict, dtype) -> dict | None:
+    """The state's "compute_params": the leaves `compute_params` casts, cast; None where the cast would
+    change no dtype (float32 compute)."""
+    cast = compute_params(params, dtype)
+    if all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(cast), jax.tree.leaves(params))):
+        return None
+    return {k: v for k, v in cast.items() if k != "embed_tokens"}
+
+
+# Keep "compute_params" in the state? On an H100 compile of bench/train_step.py it saves 2.0 GB of the step's
+# memory traffic and 9 kernels (bench/hlo_traffic.py); on TPU the same state raised XLA's temporaries under
+# full rematerialisation (phi-3-mini on v5p-64: 27.12 -> 31.24 GiB per chip, phi3_jax.aot). None: on GPU
+# meshes only; tests force True / False.
+COMPUTE_COPY: bool | None = None
+
+
+def keeps_compute_copy(mesh) -> bool:
+    return mesh.devices.flat[0].platform == "gpu" if COMPUTE_COPY is None else COMPUTE_COPY
+
+
+def fresh_state(params: dict, tx: optax.GradientTransformation, copy_dtype=None) -> dict:
+    """Step 0 around `params`: zero moments, no skipped steps; with `copy_dtype` (the compute dtype), the
+    compute copy where it differs from the master weights."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)}
+    copy = compute_copy(params, copy_dtype) if copy_dtype is not None else None
+    if copy is not None:
+        state["compute_params"] = copy
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,22 +158,27 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
     sharding constraints of the logical-axis table (see `sharding.constrain`). With `dropout_seed`, the
     model's dropout is on, with keys from `dropout_keys(dropout_seed, state["step"], rows)`."""
 
-    def grads_of(params, batch):
-        def f(p, mb):
+    def grads_of(params, weights, batch):
+        """Loss sum, token count and the gradient in the master weights' dtypes, differentiated at
+        `weights` (the master weights or the compute copy beside the embedding table)."""
+        def f(w, mb):
             mb = dict(mb)
             keys = mb.pop("dropout_keys", None)
-            s, n = loss_sums(graphdef, p, mb, compute_dtype, impl, loss_chunks, keys)
+            s, n = loss_sums(graphdef, w, mb, compute_dtype, impl, loss_chunks, keys)
             return s, n
 
+        def master(g):
+            return jax.tree.map(lambda g, p: g.astype(p.dtype), g, params)
+
         if grad_accum == 1:
-            (s, n), g = jax.value_and_grad(f, has_aux=True)(params, batch)
-            return s, n, g
+            (s, n), g = jax.value_and_grad(f, has_aux=True)(weights, batch)
+            return s, n, master(g)
         mbs = _microbatches(batch, grad_accum)
 
         def body(carry, mb):
             s_acc, n_acc, g_acc = carry
-            (s, n), g = jax.value_and_grad(f, has_aux=True)(params, mb)
-            return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
+            (s, n), g = jax.value_and_grad(f, has_aux=True)(weights, mb)
+            return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, master(g))), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), mbs)
@@ -144,9 +186,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
 
     def train_step(state, batch):
         params = state["params"]
+        copy = state.get("compute_params")
+        weights = params if copy is None else {**params, **copy}
         if dropout_seed is not None:
             batch = {**batch, "dropout_keys": dropout_keys(dropout_seed, state["step"], batch["inputs"].shape[0])}
-        loss_sum, count, grads = grads_of(params, batch)
+        loss_sum, count, grads = grads_of(params, weights, batch)
         denom = jnp.maximum(count, 1.0)
         loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -165,6 +209,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
             "nonfinite_run": jnp.where(ok, 0, state["nonfinite_run"] + 1).astype(jnp.int32),
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
         }
+        if copy is not None:  # XLA writes it from the optimizer's fused update, no separate pass
+            new_state["compute_params"] = compute_copy(new_state["params"], compute_dtype)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok,
                    "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
         return new_state, metrics
@@ -180,14 +226,13 @@ def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None
     return shd.with_activation_sharding(eval_step, mesh)
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None):
-    """Fresh state; `params` (a pure dict) replaces the random init when given (fine-tuning)."""
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None, copy_dtype=None):
+    """Fresh state (see fresh_state); `params` (a pure dict) replaces the random init when given."""
     from phi3_jax.model.decoder import init_model
 
     if params is None:
         _, params = split_model(init_model(cfg, seed))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-            "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)}
+    return fresh_state(params, tx, copy_dtype)
 
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
@@ -201,12 +246,14 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
     from `seed` (train.seed) and the step number; the eval step never drops.
     """
     graphdef = graphdef_of(cfg)
-    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0))
+    copy_dtype = compute_dtype if keeps_compute_copy(mesh) else None
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0, copy_dtype=copy_dtype))
     state_sh = shd.tree_shardings(mesh, abstract)
     batch_sh = shd.batch_sharding(mesh, 2)
 
     def init(seed: int):
-        return jax.jit(functools.partial(init_state, cfg, tx, int(seed)), out_shardings=state_sh)()
+        return jax.jit(functools.partial(init_state, cfg, tx, int(seed), copy_dtype=copy_dtype),
+                       out_shardings=state_sh)()
 
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
                                          mesh=mesh, loss_chunks=loss_chunks,
@@ -223,7 +270,7 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
 def state_from_params(fns: StepFns, tx: optax.GradientTransformation, params) -> dict:
     """A fresh state (zero moments, step 0) around given parameters, placed with the state shardings."""
     params = jax.device_put(params, fns.state_shardings["params"])
-    make = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0),
-                              "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)},
-                   out_shardings=fns.state_shardings, donate_argnums=(0,))
+    copy = fns.abstract_state.get("compute_params")
+    dtype = None if copy is None else jax.tree.leaves(copy)[0].dtype
+    make = jax.jit(lambda p: fresh_state(p, tx, dtype), out_shardings=fns.state_shardings, donate_argnums=(0,))
     return make(params)

@@ -69,3 +69,28 @@ def test_async_checkpoints_keep_last_and_every_and_hold_the_step_state(tmp_path)
     import numpy as np
 
     jax.tree.map(np.testing.assert_array_equal, step3, short)
+
+
+def test_bf16_compute_resume_recasts_the_weights_and_matches(tmp_path, monkeypatch):
+    """bf16 compute keeps cast weights in the state but not in checkpoints; a resumed run casts them again
+    from the restored float32 master weights and continues exactly."""
+    import orbax.checkpoint as ocp
+
+    from phi3_jax import train_state
+
+    monkeypatch.setattr(train_state, "COMPUTE_COPY", True)  # kept on GPU meshes by default
+
+    def cfg(steps):
+        c = load_config("tiny", "test")
+        c.precision.compute_dtype = "bfloat16"
+        c.train.steps, c.train.checkpoint_every, c.train.log_every = steps, 3, 1
+        c.mesh.fsdp = 1
+        return c
+
+    ref = run(cfg(6), str(tmp_path / "straight")).losses
+    run(cfg(3), str(tmp_path / "resumed"))
+    saved = ocp.StandardCheckpointer().metadata(tmp_path / "resumed/checkpoints/3/train_state")
+    assert "compute_params" not in saved.item_metadata.tree and "opt_state" in saved.item_metadata.tree
+    got = run(cfg(6), str(tmp_path / "resumed")).losses
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]  # exact, step for step

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from phi3_jax import optim
 from phi3_jax import sharding as shd
@@ -77,3 +78,68 @@ def test_loss_drops_and_bf16_compute_keeps_f32_master():
     s, n = f.eval_step(state["params"], b)
     assert float(n) == float(np.sum(_batch()["loss_mask"]))
     assert abs(float(s) / float(n) - losses[-1]) < 0.5
+
+
+def _cast(tree):
+    return jax.tree.map(lambda a: np.asarray(a.astype(jnp.bfloat16)), tree)
+
+
+def test_bf16_compute_copy_is_the_cast_master_and_steps_like_casting_in_the_step(monkeypatch):
+    """bf16 compute keeps the cast weights in the state (written by the optimizer's pass); a step with it
+    matches a step that casts the float32 master weights itself, and it follows the master weights.
+    (Without the copy XLA:CPU may keep a weight gradient's matmul in float32 rather than round it to
+    bf16, and Adam's 1 / sqrt(v) carries that rounding into the update: hence a tolerance.)"""
+    monkeypatch.setattr(ts, "COMPUTE_COPY", True)  # kept on GPU meshes by default
+    f, mesh = _fns(compute_dtype="bfloat16", grad_accum=2, lr=3e-3)
+    state = f.init(0)
+    copy = state["compute_params"]
+    assert "embed_tokens" not in copy  # the table is cast per row, its gradient sums in float32
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(copy))
+    b = shd.make_global_batch(mesh, _batch(), 8)
+    tx, _ = optim.make_optimizer(ts.split_model(abstract_model(CFG))[1], lr=3e-3, steps=100, warmup_steps=0,
+                                 weight_decay=0.1)  # as _fns makes it
+    plain = jax.jit(ts.make_train_step(ts.graphdef_of(CFG), tx, compute_dtype="bfloat16", grad_accum=2))
+    without = {k: v for k, v in jax.tree.map(np.asarray, state).items() if k != "compute_params"}
+    for _ in range(2):
+        state, m = f.train_step(state, b)
+        without, m_plain = plain(without, b)
+        np.testing.assert_allclose(m["loss"], m_plain["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
+        # The bound of test_grad_accum_matches_full_batch, for the same 1 / sqrt(v) effect.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), state["params"],
+                     without["params"])
+        jax.tree.map(np.testing.assert_array_equal, _cast({k: v for k, v in state["params"].items()
+                                                           if k != "embed_tokens"}), _cast(state["compute_params"]))
+
+
+def test_skipped_step_keeps_the_compute_copy(monkeypatch):
+    monkeypatch.setattr(ts, "COMPUTE_COPY", True)
+    f, mesh = _fns(compute_dtype="bfloat16")
+    state = f.init(0)
+    state, _ = f.train_step(state, shd.make_global_batch(mesh, _batch(), 8))
+    poisoned = _batch()
+    poisoned["loss_mask"][0, 0] = np.nan
+    before = jax.tree.map(np.asarray, state["compute_params"])
+    state, m = f.train_step(state, shd.make_global_batch(mesh, poisoned, 8))
+    assert not bool(m["finite"])
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state["compute_params"]))
+
+
+def test_compute_copy_only_where_it_is_kept(monkeypatch):
+    monkeypatch.setattr(ts, "COMPUTE_COPY", True)
+    assert "compute_params" not in _fns(compute_dtype="float32")[0].init(0)  # nothing to cast
+    monkeypatch.setattr(ts, "COMPUTE_COPY", None)
+    assert "compute_params" not in _fns(compute_dtype="bfloat16")[0].abstract_state  # a CPU mesh
+
+
+def test_state_from_params_casts_the_compute_copy(monkeypatch):
+    """--init_from's fresh state around imported weights carries their cast copy, placed like the state."""
+    monkeypatch.setattr(ts, "COMPUTE_COPY", True)
+    f, _ = _fns(compute_dtype="bfloat16")
+    params = jax.tree.map(np.asarray, f.init(3)["params"])
+    tx, _ = optim.make_optimizer(params, lr=1e-2, steps=100, warmup_steps=0, weight_decay=0.1)
+    state = ts.state_from_params(f, tx, params)
+    expect = _cast({k: v for k, v in params.items() if k != "embed_tokens"})
+    jax.tree.map(np.testing.assert_array_equal, expect, _cast(state["compute_params"]))
+    jax.tree.map(lambda a, s: a.sharding == s or pytest.fail(f"{a.sharding} != {s}"), state["compute_params"],
+                 f.state_shardings["compute_params"])
