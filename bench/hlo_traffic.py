@@ -3,7 +3,8 @@ H100 without a GPU (XLA's deviceless compilation through the jax CUDA plugin) an
 operand and output bytes in the optimized HLO.
 
 Not a timing: XLA skips autotuning without a device (GEMM back-ends may differ from a real compile), and a
-kernel's operand bytes are an upper bound on what it reads, and a `lax.scan` over layers is one `while`
+kernel's operand bytes are an upper bound on what it reads (except operands a fusion only slices or
+gathers from, which count the slices), and a `lax.scan` over layers is one `while`
 kernel here (its body is not descended into: `--unroll` gives the per-kernel view). It shows which kernels
 move whole activations or weights and how a model change moves the total, between GPU sessions.
 
@@ -54,9 +55,63 @@ def shape_bytes(text: str) -> int:
     return total
 
 
+_SLICING = ("slice", "dynamic-slice", "gather")
+_COMPUTATION = re.compile(r"^%([\w.\-]+) \(.*\{$")
+
+
+def fused_reads(hlo_text: str) -> dict[str, list[int | None]]:
+    """For every fused computation, per parameter: the bytes its slices read where the parameter is only
+    sliced (slice, dynamic-slice, gather, through bitcasts), else None (the whole operand is read)."""
+    reads: dict[str, list[int | None]] = {}
+    name, body = None, []
+    for line in hlo_text.split("\n"):
+        m = _COMPUTATION.match(line)
+        if m:
+            name, body = m.group(1), []
+        elif line.startswith("}") and name:
+            reads[name] = _param_reads(body)
+            name = None
+        elif name:
+            im = _INSTR.match(line.strip())
+            if im:
+                body.append(im.groups())
+    return reads
+
+
+def _param_reads(body: list[tuple]) -> list[int | None]:
+    users: dict[str, list[tuple]] = collections.defaultdict(list)
+    params = {}
+    for instr in body:
+        iname, shape, op, args = instr
+        if op == "parameter":
+            params[iname] = int(args)
+        for a in re.findall(r"%([\w.\-]+)", args):
+            users[a].append(instr)
+
+    def sliced_bytes(node: str) -> int | None:
+        total = 0
+        for uname, ushape, uop, uargs in users[node]:
+            if uop == "bitcast":
+                sub = sliced_bytes(uname)
+                if sub is None:
+                    return None
+                total += sub
+            elif uop in _SLICING and re.findall(r"%([\w.\-]+)", uargs)[:1] == [node]:
+                total += shape_bytes(ushape)
+            else:
+                return None
+        return total if users[node] else None
+
+    out: list[int | None] = [None] * (max(params.values()) + 1 if params else 0)
+    for pname, index in params.items():
+        out[index] = sliced_bytes(pname)
+    return out
+
+
 def kernels(hlo_text: str) -> list[dict]:
     """The entry computation's kernel-launching instructions: name, op, kind, operand / output bytes, shape,
-    and the JAX op name they came from."""
+    and the JAX op name they came from. A fusion operand that the fusion only slices counts its slices."""
+    fused = fused_reads(hlo_text)
     start = hlo_text.index("\nENTRY")
     entry = hlo_text[start:hlo_text.index("\n}", start)]
     sizes: dict[str, int] = {}
@@ -72,9 +127,12 @@ def kernels(hlo_text: str) -> list[dict]:
         operands = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
         kind = re.search(r"kind=(k\w+)", line) or re.search(r'custom_call_target="([^"]+)"', line)
         source = re.search(r'op_name="([^"]+)"', line)
-        out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op,
-                        read=sum(sizes.get(a, 0) for a in operands), written=sizes[name], shape=shape,
-                        source=source.group(1) if source else ""))
+        calls = re.search(r"calls=%([\w.\-]+)", line)
+        sliced = fused.get(calls.group(1), []) if op == "fusion" and calls else []
+        read = sum(sliced[i] if i < len(sliced) and sliced[i] is not None else sizes.get(a, 0)
+                   for i, a in enumerate(operands))
+        out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op, read=read, written=sizes[name],
+                        shape=shape, source=source.group(1) if source else ""))
     return out
 
 

@@ -49,3 +49,36 @@ def test_hlo_traffic_tallies_kernels_of_a_compiled_module():
     assert ks and all(k["written"] > 0 for k in ks)
     assert max(k["read"] for k in ks) >= 64 * 128 * 4  # some kernel reads the whole input
     assert "kernels; operand + output bytes" in hlo_traffic.report(ks, top=3)
+
+
+def test_hlo_traffic_counts_only_the_slice_a_fusion_reads():
+    """A GEMM fusion that slices one layer out of stacked weights reads that layer, not the stack."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import hlo_traffic
+
+    text = """HloModule m
+
+%fused_dot (p0: bf16[16,32], p1: bf16[4,32,8]) -> bf16[16,8] {
+  %p1 = bf16[4,32,8]{2,1,0} parameter(1)
+  %slice.1 = bf16[1,32,8]{2,1,0} slice(%p1), slice={[2:3], [0:32], [0:8]}
+  %bitcast.1 = bf16[32,8]{1,0} bitcast(%slice.1)
+  %p0 = bf16[16,32]{1,0} parameter(0)
+  ROOT %dot.1 = bf16[16,8]{1,0} dot(%p0, %bitcast.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (q0: bf16[4,32,8]) -> bf16[4,32,8] {
+  %q0 = bf16[4,32,8]{2,1,0} parameter(0)
+  ROOT %add.1 = bf16[4,32,8]{2,1,0} add(%q0, %q0)
+}
+
+ENTRY %main (x: bf16[16,32], w: bf16[4,32,8]) -> (bf16[16,8], bf16[4,32,8]) {
+  %x = bf16[16,32]{1,0} parameter(0)
+  %w = bf16[4,32,8]{2,1,0} parameter(1)
+  %gemm = bf16[16,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %twice = bf16[4,32,8]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_add
+  ROOT %t = (bf16[16,8]{1,0}, bf16[4,32,8]{2,1,0}) tuple(%gemm, %twice)
+}
+"""
+    ks = {k["name"]: k for k in hlo_traffic.kernels(text)}
+    assert ks["gemm"]["read"] == (16 * 32 + 32 * 8) * 2  # x and one layer of w
+    assert ks["twice"]["read"] == 4 * 32 * 8 * 2  # the whole stack
