@@ -44,6 +44,17 @@ _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, |$)")
 
 
+def shape_elements(text: str) -> int:
+    """Elements of every array shape written in `text`."""
+    total = 0
+    for _, dims in _SHAPE.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n
+    return total
+
+
 def shape_bytes(text: str) -> int:
     """Bytes of every array shape written in `text` (a tuple shape counts each element)."""
     total = 0
@@ -61,7 +72,8 @@ _COMPUTATION = re.compile(r"^%([\w.\-]+) \(.*\{$")
 
 def fused_reads(hlo_text: str) -> dict[str, list[int | None]]:
     """For every fused computation, per parameter: the bytes its slices read where the parameter is only
-    sliced (slice, dynamic-slice, gather, through bitcasts), else None (the whole operand is read)."""
+    sliced (slice, dynamic-slice, gather, through bitcasts and converts), else None (the whole operand is
+    read)."""
     reads: dict[str, list[int | None]] = {}
     name, body = None, []
     for line in hlo_text.split("\n"):
@@ -80,31 +92,33 @@ def fused_reads(hlo_text: str) -> dict[str, list[int | None]]:
 
 def _param_reads(body: list[tuple]) -> list[int | None]:
     users: dict[str, list[tuple]] = collections.defaultdict(list)
-    params = {}
+    params, shapes = {}, {}
     for instr in body:
         iname, shape, op, args = instr
+        shapes[iname] = shape
         if op == "parameter":
             params[iname] = int(args)
         for a in re.findall(r"%([\w.\-]+)", args):
             users[a].append(instr)
 
-    def sliced_bytes(node: str) -> int | None:
+    def sliced_elements(node: str) -> int | None:
         total = 0
         for uname, ushape, uop, uargs in users[node]:
-            if uop == "bitcast":
-                sub = sliced_bytes(uname)
+            if uop in ("bitcast", "convert"):  # a gather of converted logits reads only what it gathers
+                sub = sliced_elements(uname)
                 if sub is None:
                     return None
                 total += sub
             elif uop in _SLICING and re.findall(r"%([\w.\-]+)", uargs)[:1] == [node]:
-                total += shape_bytes(ushape)
+                total += shape_elements(ushape)
             else:
                 return None
         return total if users[node] else None
 
     out: list[int | None] = [None] * (max(params.values()) + 1 if params else 0)
     for pname, index in params.items():
-        out[index] = sliced_bytes(pname)
+        n, size = sliced_elements(pname), shape_elements(shapes[pname])
+        out[index] = None if n is None or not size else n * shape_bytes(shapes[pname]) // size
     return out
 
 
@@ -129,7 +143,7 @@ def kernels(hlo_text: str) -> list[dict]:
         source = re.search(r'op_name="([^"]+)"', line)
         calls = re.search(r"calls=%([\w.\-]+)", line)
         sliced = fused.get(calls.group(1), []) if op == "fusion" and calls else []
-        read = sum(sliced[i] if i < len(sliced) and sliced[i] is not None else sizes.get(a, 0)
+        read = sum(min(sliced[i], sizes.get(a, 0)) if i < len(sliced) and sliced[i] is not None else sizes.get(a, 0)
                    for i, a in enumerate(operands))
         out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op, read=read, written=sizes[name],
                         shape=shape, source=source.group(1) if source else ""))

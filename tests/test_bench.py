@@ -66,19 +66,29 @@ def test_hlo_traffic_counts_only_the_slice_a_fusion_reads():
   ROOT %dot.1 = bf16[16,8]{1,0} dot(%p0, %bitcast.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
+%fused_cast (r0: f32[4,32,8]) -> bf16[32,8] {
+  %r0 = f32[4,32,8]{2,1,0} parameter(0)
+  %convert.1 = bf16[4,32,8]{2,1,0} convert(%r0)
+  %slice.2 = bf16[1,32,8]{2,1,0} slice(%convert.1), slice={[1:2], [0:32], [0:8]}
+  ROOT %bitcast.2 = bf16[32,8]{1,0} bitcast(%slice.2)
+}
+
 %fused_add (q0: bf16[4,32,8]) -> bf16[4,32,8] {
   %q0 = bf16[4,32,8]{2,1,0} parameter(0)
   ROOT %add.1 = bf16[4,32,8]{2,1,0} add(%q0, %q0)
 }
 
-ENTRY %main (x: bf16[16,32], w: bf16[4,32,8]) -> (bf16[16,8], bf16[4,32,8]) {
+ENTRY %main (x: bf16[16,32], w: bf16[4,32,8], w32: f32[4,32,8]) -> (bf16[16,8], bf16[4,32,8], bf16[32,8]) {
   %x = bf16[16,32]{1,0} parameter(0)
   %w = bf16[4,32,8]{2,1,0} parameter(1)
   %gemm = bf16[16,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
   %twice = bf16[4,32,8]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_add
-  ROOT %t = (bf16[16,8]{1,0}, bf16[4,32,8]{2,1,0}) tuple(%gemm, %twice)
+  %w32 = f32[4,32,8]{2,1,0} parameter(2)
+  %cast = bf16[32,8]{1,0} fusion(%w32), kind=kLoop, calls=%fused_cast
+  ROOT %t = (bf16[16,8]{1,0}, bf16[4,32,8]{2,1,0}, bf16[32,8]{1,0}) tuple(%gemm, %twice, %cast)
 }
 """
     ks = {k["name"]: k for k in hlo_traffic.kernels(text)}
     assert ks["gemm"]["read"] == (16 * 32 + 32 * 8) * 2  # x and one layer of w
     assert ks["twice"]["read"] == 4 * 32 * 8 * 2  # the whole stack
+    assert ks["cast"]["read"] == 32 * 8 * 4  # one float32 layer, though it is sliced after the convert
