@@ -165,7 +165,10 @@ class Decoder(nnx.Module):
         layouts = [layout if cfg.layer_is_sparse(j) else None for j in range(P)]
         graphdef, state = nnx.split(self.layers)
         by_step = lambda a: a.reshape(cfg.num_layers // P, P, *a.shape[1:])  # noqa: E731
-        xs = jax.tree.map(by_step, state)
+        # One scanned tree per layer of the period, so a layer's weights are the scan's own slices: the
+        # backward pass then reads them from the stacked input, where weights indexed inside the body
+        # would be saved again as stacked residuals (a zero-filled copy of every weight each step).
+        xs = tuple(jax.tree.map(lambda a: by_step(a)[:, j], state) for j in range(P))
         if kv is not None:
             xs = (xs, by_step(kv[0]), by_step(kv[1]))
         layer_ids = by_step(jnp.arange(cfg.num_layers, dtype=jnp.uint32))
@@ -175,7 +178,7 @@ class Decoder(nnx.Module):
             st_P, kv_P = (xs_P, None) if kv is None else (xs_P[0], xs_P[1:])
             new_kv = []
             for j in range(P):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], st_P))
+                block = nnx.merge(graphdef, st_P[j])
                 if kv is None:
                     keys = None if dropout_keys_B is None else fold_rows(dropout_keys_B, ids_P[j])
                     x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys)
