@@ -2,7 +2,8 @@
 
 Both sides do the same work per step: forward, masked next-token cross-entropy over full logits,
 backward, global-norm clipping at 1.0 and an AdamW update of float32 master weights, with bf16 matmuls
-on a GPU (JAX: parameters cast to bf16 inside the jitted step; torch: autocast) and float32 on a CPU.
+on a GPU (JAX: the bf16 copy of the weights that the optimizer's update writes into the train state;
+torch: autocast) and float32 on a CPU.
 JAX runs the output head and the loss as one op (phi3_jax.ops.cross_entropy, `--loss-chunks`); the
 logits and their gradient have the same bf16 roundings as torch's autocast.
 Each framework runs in its own child process so neither one's threads or memory disturb the other.
