@@ -143,3 +143,22 @@ def test_state_from_params_casts_the_compute_copy(monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, expect, _cast(state["compute_params"]))
     jax.tree.map(lambda a, s: a.sharding == s or pytest.fail(f"{a.sharding} != {s}"), state["compute_params"],
                  f.state_shardings["compute_params"])
+
+
+def test_compute_copy_steps_alike_on_one_device_and_a_data_fsdp_tensor_mesh(monkeypatch):
+    monkeypatch.setattr(ts, "COMPUTE_COPY", True)
+    runs = []
+    for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        f, mesh = _fns(compute_dtype="bfloat16", mesh=shd.make_mesh(shape), lr=3e-3)
+        state = f.init(0)
+        assert state["compute_params"]["layers"]["mlp"]["gate_up_proj"]["kernel"].sharding == \
+            f.state_shardings["compute_params"]["layers"]["mlp"]["gate_up_proj"]["kernel"]
+        b = shd.make_global_batch(mesh, _batch(), 8)
+        losses = []
+        for _ in range(3):
+            state, m = f.train_step(state, b)
+            losses.append(float(m["loss"]))
+        runs.append((losses, jax.tree.map(np.asarray, state["compute_params"])))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=2e-3)  # bf16 matmuls, sums in another order
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3),
+                 runs[0][1], runs[1][1])
