@@ -44,26 +44,23 @@ _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, |$)")
 
 
-def shape_elements(text: str) -> int:
-    """Elements of every array shape written in `text`."""
-    total = 0
-    for _, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n
-    return total
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of every array shape written in `text` (a tuple shape counts each element)."""
-    total = 0
+def _arrays(text: str):
+    """(dtype, element count) of every array shape written in `text`."""
     for dtype, dims in _SHAPE.findall(text):
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        total += n * _BYTES[dtype]
-    return total
+        yield dtype, n
+
+
+def shape_elements(text: str) -> int:
+    """Elements of every array shape written in `text`."""
+    return sum(n for _, n in _arrays(text))
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape written in `text` (a tuple shape counts each element)."""
+    return sum(n * _BYTES[dtype] for dtype, n in _arrays(text))
 
 
 _SLICING = ("slice", "dynamic-slice", "gather")
