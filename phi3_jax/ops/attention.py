@@ -154,14 +154,9 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     """Softmax attention as written, differentiated by autodiff: the reference every path is tested against."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask, scale)
-    # A query with no visible key (padding) gets zeros instead of NaN.
-    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-    m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)
-    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
-    p_BKGTS = p_BKGTS / jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+    _, p_BKGTS, l_BKGT1 = _unnormalised_softmax(_masked_scores(q_BTNH.reshape(B, T, K, N // K, H), k_BSKH,
+                                                               mask, scale))
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", (p_BKGTS / l_BKGT1).astype(v_BSKH.dtype), v_BSKH,
                          preferred_element_type=jnp.float32)
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
@@ -174,6 +169,15 @@ def _masked_scores(q_BTKGH, k_BSKH, mask: Mask, scale: float):
     allowed_BNTS = dense_mask(mask, B, T, S, K * G)
     allowed_BKGTS = allowed_BNTS.reshape(B, -1, 1 if allowed_BNTS.shape[1] == 1 else G, T, S)
     return jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
+
+
+def _unnormalised_softmax(s_BKGTS):
+    """(row max m, exp(s - m), row sum l) in float32; a query with no visible key gets m = 0 and zeros
+    (divided by l >= 1e-30), not NaN."""
+    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)
+    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
+    return m_BKGT1, p_BKGTS, jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -189,11 +193,7 @@ def _xla_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = _masked_scores(q_BTKGH, k_BSKH, mask, scale)
-    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-    m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)  # a query with no visible key: zeros, not NaN
-    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
-    l_BKGT1 = jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
+    m_BKGT1, p_BKGTS, l_BKGT1 = _unnormalised_softmax(_masked_scores(q_BTKGH, k_BSKH, mask, scale))
     # Normalising the [T, H] output instead of the [T, S] probabilities saves a pass over the scores.
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
                          preferred_element_type=jnp.float32)
