@@ -41,8 +41,9 @@ step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
 import jax, flax, optax, torch, transformers
 print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"optax\", optax.__version__,
       \"torch\", torch.__version__, \"transformers\", transformers.__version__)'"
-# The GPU-only backward passes (layers.FUSED_BACKWARD) and the fused loss against autodiff, on the device.
-step fused 120 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py
+# The GPU-only backward passes (layers.FUSED_BACKWARD), the fused loss and cuDNN attention (packed documents
+# included) against autodiff, on the device.
+step fused 150 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_attention_cudnn.py
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   $py bench/train_step.py --device gpu --only jax --unroll

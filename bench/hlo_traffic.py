@@ -119,20 +119,29 @@ def _param_reads(body: list[tuple]) -> list[int | None]:
     return out
 
 
-def kernels(hlo_text: str) -> list[dict]:
-    """The entry computation's kernel-launching instructions: name, op, kind, operand / output bytes, shape,
-    and the JAX op name they came from. A fusion operand that the fusion only slices counts its slices."""
+def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
+    """The kernel-launching instructions of the entry computation (or of `computation`): name, op, kind,
+    operand / output bytes, shape, and the JAX op name they came from. A fusion operand that the fusion only
+    slices counts its slices. A `conditional` stands for its true branch's kernels (`lax.cond`'s first
+    function: in the step, the packed-attention path that batches whose rows fit take)."""
     fused = fused_reads(hlo_text)
-    start = hlo_text.index("\nENTRY")
-    entry = hlo_text[start:hlo_text.index("\n}", start)]
+    if computation is None:
+        start = hlo_text.index("\nENTRY")
+    else:
+        start = re.search(r"\n%" + re.escape(computation) + r" \(", hlo_text).start()
+    body = hlo_text[start:hlo_text.index("\n}", start)]
     sizes: dict[str, int] = {}
     out = []
-    for line in entry.split("\n")[1:]:
+    for line in body.split("\n")[1:]:
         m = _INSTR.match(line.strip())
         if not m:
             continue
         name, shape, op, args = m.groups()
         sizes[name] = shape_bytes(shape)
+        if op == "conditional":
+            branch = re.search(r"true_computation=%([\w.\-]+)", line)
+            out += kernels(hlo_text, branch.group(1)) if branch else []
+            continue
         if op not in KERNEL_OPS:
             continue
         operands = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
@@ -166,6 +175,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unroll", action="store_true", help="layers unrolled instead of lax.scan")
     p.add_argument("--loss-chunks", type=int, default=1)
+    p.add_argument("--packed", action="store_true", help="rows of several documents (segment ids, positions)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--hlo-out", metavar="FILE", help="also write the optimized HLO text here")
     args = p.parse_args(argv)
@@ -190,10 +200,15 @@ def main(argv=None) -> int:
                                  clip_norm=1.0)
     fns = ts.build(cfg, tx, mesh, compute_dtype="bfloat16", loss_chunks=args.loss_chunks)
     B, T = s["batch"], s["seq"]
+    keys = ("inputs", "targets", "loss_mask") + (("segment_ids", "positions") if args.packed else ())
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=fns.batch_sharding) for k in ("inputs", "targets", "loss_mask")}
+                                     sharding=fns.batch_sharding) for k in keys}
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
     from phi3_jax.aot import traced_as
 
+    # JAX's cuDNN attention asks the local GPU which kernels it may use; the target here is an H100.
+    cudnn_fa.check_compute_capability = lambda capability: tuple(map(int, capability.split("."))) <= (9, 0)
     with traced_as("gpu"):  # the model picks its GPU code paths (attention, fused backward passes)
         lowered = fns.train_step.lower(fns.abstract_state, batch)
     compiled = lowered.compile()
@@ -203,6 +218,7 @@ def main(argv=None) -> int:
             f.write(text)
     mem = compiled.memory_analysis()
     print(f"train step at bench/train_step.py's GPU shape, {'unrolled' if args.unroll else 'scanned'} layers, "
+          f"{'packed rows, ' if args.packed else ''}"
           f"jax {jax.__version__}, compiled for {topo.devices[0].device_kind} without a device")
     print(f"memory: arguments {mem.argument_size_in_bytes / 1e9:.2f} GB, temporaries {mem.temp_size_in_bytes / 1e9:.2f} GB")
     print(report(kernels(text), args.top))

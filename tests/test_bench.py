@@ -92,3 +92,41 @@ ENTRY %main (x: bf16[16,32], w: bf16[4,32,8], w32: f32[4,32,8]) -> (bf16[16,8], 
     assert ks["gemm"]["read"] == (16 * 32 + 32 * 8) * 2  # x and one layer of w
     assert ks["twice"]["read"] == 4 * 32 * 8 * 2  # the whole stack
     assert ks["cast"]["read"] == 32 * 8 * 4  # one float32 layer, though it is sliced after the convert
+
+
+def test_hlo_traffic_counts_the_true_branch_of_a_conditional():
+    """A `lax.cond` in the step (packed attention or its fallback) stands for its true branch's kernels."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import hlo_traffic
+
+    text = """HloModule m
+
+%fused_exp (p0: f32[64]) -> f32[64] {
+  %p0 = f32[64]{0} parameter(0)
+  ROOT %exp.1 = f32[64]{0} exponential(%p0)
+}
+
+%fused_neg (n0: f32[64]) -> f32[64] {
+  %n0 = f32[64]{0} parameter(0)
+  ROOT %neg.1 = f32[64]{0} negate(%n0)
+}
+
+%on_true (t: f32[64]) -> f32[64] {
+  %t = f32[64]{0} parameter(0)
+  ROOT %e = f32[64]{0} fusion(%t), kind=kLoop, calls=%fused_exp
+}
+
+%on_false (f: f32[64]) -> f32[64] {
+  %f = f32[64]{0} parameter(0)
+  ROOT %n = f32[64]{0} fusion(%f), kind=kLoop, calls=%fused_neg
+}
+
+ENTRY %main (pred: pred[], x: f32[64]) -> f32[64] {
+  %pred = pred[] parameter(0)
+  %x = f32[64]{0} parameter(1)
+  ROOT %c = f32[64]{0} conditional(%pred, %x, %x), true_computation=%on_true, false_computation=%on_false
+}
+"""
+    ks = hlo_traffic.kernels(text)
+    assert [k["name"] for k in ks] == ["e"]
+    assert ks[0]["read"] == ks[0]["written"] == 64 * 4

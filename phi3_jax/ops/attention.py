@@ -40,7 +40,9 @@ class Mask:
     q_index / kv_index: token index within the row ([B, T] / [B, S] or [T] / [S]); default arange. Causality,
       the window and the block-sparse layout are defined on these indices (for a KV cache, q_index is the
       absolute position of the new tokens).
-    q_segment_ids / kv_segment_ids: packed documents; a query sees only keys of its own segment.
+    q_segment_ids / kv_segment_ids: packed documents; a query sees only keys of its own segment. Documents
+      are contiguous runs of one id (as the packer writes them): cuDNN's packed layout takes each run as
+      one document.
     window: a key at distance q_index - kv_index > window is hidden.
     layout: a `pallas_kernels.blocksparse.Layout`; its per-head pattern is applied on top.
     """
@@ -229,15 +231,65 @@ def _xla_attention_bwd(scale: float, res, do_BTNH):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
+# Rows with at most this many documents take cuDNN's packed layout; a batch with a row holding more takes a
+# dense [B, 1, T, S] segment mask (both are compiled; `lax.cond` picks one per step). The packed kernels
+# keep float32 softmax statistics for [B * M, N, T] (M slots per row), so M sets their residual memory:
+# at 16, a quarter of the bf16 [B, 1, T, T] mask's for 32 heads at T = 4096.
+CUDNN_MAX_SEGMENTS = 16
+
+
+def segment_runs(segment_ids_BT, max_segments: int):
+    """cuDNN's packed ("ragged") description of rows of contiguous documents, each document a run of equal
+    segment ids: (lengths [B, M], starts [B, M + 1], fits) with M = max_segments; entries past a row's
+    last run are -1, and `fits` says whether every row has at most M runs (else the runs past M are left
+    out and the description is incomplete)."""
+    B, T = segment_ids_BT.shape
+    new_BT = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    run_BT = jnp.cumsum(new_BT, axis=1, dtype=jnp.int32) - 1
+    runs_B = run_BT[:, -1] + 1
+    lengths_BM = jnp.zeros((B, max_segments), jnp.int32).at[jnp.arange(B)[:, None], run_BT].add(1, mode="drop")
+    starts_BM = jnp.cumsum(lengths_BM, axis=1, dtype=jnp.int32) - lengths_BM
+    used_BM = jnp.arange(max_segments)[None] < runs_B[:, None]
+    starts_BM1 = jnp.concatenate([jnp.where(used_BM, starts_BM, -1), jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    return jnp.where(used_BM, lengths_BM, -1), starts_BM1, jnp.all(runs_B <= max_segments)
+
+
 def _cudnn(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
-    seg_mask = None
-    if mask.q_segment_ids is not None:
-        kv_seg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
-        seg_mask = (mask.q_segment_ids[:, :, None] == kv_seg[:, None, :])[:, None]
     window = None if mask.window is None else (mask.window, 0)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, scale=scale,
-                                        is_causal=mask.causal, local_window_size=window,
-                                        implementation="cudnn")
+
+    def dense(q_BTNH, k_BSKH, v_BSKH, q_seg_BT=None, kv_seg_BS=None):
+        seg_mask = None if q_seg_BT is None else (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=seg_mask, scale=scale,
+                                            is_causal=mask.causal, local_window_size=window,
+                                            implementation="cudnn")
+
+    if mask.q_segment_ids is None:
+        return dense(q_BTNH, k_BSKH, v_BSKH)
+    kv_seg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
+    if mask.kv_segment_ids is not None or q_BTNH.shape[1] != k_BSKH.shape[1]:
+        return dense(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, kv_seg)
+    # Packed documents: cuDNN's packed layout runs each document as its own sequence (causality and the
+    # window restart at its first token, as positions do), where a [B, 1, T, S] mask costs a pass over
+    # it and computes every tile of the row's causal triangle.
+    lengths_BM, starts_BM1, fits = segment_runs(mask.q_segment_ids, CUDNN_MAX_SEGMENTS)
+
+    def packed(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS):
+        return _cudnn_packed(q_BTNH, k_BSKH, v_BSKH, lengths_BM, starts_BM1, mask.causal, mask.window, scale)
+
+    # The fallback recomputes its forward pass for the backward one: its [B, 1, T, S] mask is then no
+    # residual that the packed branch would have to write zeros for at every step.
+    return jax.lax.cond(fits, packed, jax.checkpoint(dense), q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, kv_seg)
+
+
+def _cudnn_packed(q_BTNH, k_BSKH, v_BSKH, lengths_BM, starts_BM1, causal: bool, window: int | None, scale: float):
+    # jax.nn.dot_product_attention does not take segment offsets; its cuDNN back-end does.
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+    mask_type = cudnn_fa.MaskType.PADDING_CAUSAL if causal else cudnn_fa.MaskType.PADDING
+    return cudnn_fa.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=starts_BM1,
+        kv_offsets=starts_BM1, scale=scale, mask_type=mask_type, qkv_layout="BTNH",
+        sliding_window_length=None if window is None else window + 1)
 
 
 def _pallas_blocksparse(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
