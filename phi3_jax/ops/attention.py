@@ -3,7 +3,8 @@
 Implementations:
 - "xla": plain JAX, runs anywhere: `reference_attention`'s values with a hand-written backward pass
   (`xla_attention`); `reference_attention` under autodiff is what every path is tested against.
-- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, dense layouts); packed documents
+  (segment ids) through cuDNN's packed layout, one sequence per document (`segment_runs`).
 - "pallas": the block-sparse Pallas kernels of `pallas_kernels.blocksparse` for block-sparse masks (their
   TPU decode kernel for one-token steps against a KV cache: q_index set, kv_index None), and
   JAX's splash-attention kernels (`ops/splash.py`) for dense causal self-attention on TPU where the
