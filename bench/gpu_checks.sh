@@ -11,8 +11,8 @@
 #                                                         # train_scanned runs only when named)
 # Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
 # capped at 600 s, so split the list over calls, most important first, e.g.
-#   STEPS="env fused train train_notriton train_profile" bash bench/gpu_checks.sh "$OUT"
-#   STEPS="train_flags train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="env fused train train_packed train_notriton" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="train_profile train_flags train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -22,7 +22,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env fused train train_notriton train_profile train_flags train_breakdown train_chunks kernels attention train_packed forward"}
+steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags train_breakdown train_chunks kernels attention forward"}
 
 step() {
   local name=$1 limit=$2
@@ -45,6 +45,8 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
 # included) against autodiff, on the device.
 step fused 150 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_attention_cudnn.py
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
+# Packed rows: cuDNN's packed layout (four documents per row); compare with the train step above.
+step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
 step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   $py bench/train_step.py --device gpu --only jax --unroll
 step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
@@ -64,6 +66,5 @@ else
   step attention 240 $py bench/attention.py ${ATTENTION_ARGS:---seqs 4096,8192,16384,32768 --flex-seqs 8192} \
     --out bench/RESULTS.md
 fi
-step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"
