@@ -104,12 +104,12 @@ def test_cudnn_matches_autodiff_of_reference(name, mask, heads, kv_heads):
 @pytest.mark.gpu
 def test_cudnn_rows_with_more_documents_than_slots_take_the_mask(monkeypatch):
     """A batch with a row of more documents than CUDNN_MAX_SEGMENTS runs with a dense segment mask, same
-    values; under the limit the packed layout gives the same values too."""
+    values (0 slots: always the mask); under the limit the packed layout gives the same values too."""
     q, k, v, _ = inputs(8, 2, seed=1)
     seg = np.repeat(np.arange(1, 17), T // 16)[None].repeat(B, 0).astype(np.int32)
     mask = Mask(q_segment_ids=seg)
     ref = reference_attention(q, k, v, mask, 0.125)
-    for slots in (8, 16):
+    for slots in (0, 8, 16):
         monkeypatch.setattr(attention_mod, "CUDNN_MAX_SEGMENTS", slots)
         out = jax.jit(lambda q, k, v: attention(q, k, v, mask, scale=0.125, impl="cudnn"))(q, k, v)
         assert rel_err(out, ref) < 2e-2, slots

@@ -235,7 +235,7 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 # Rows with at most this many documents take cuDNN's packed layout; a batch with a row holding more takes a
 # dense [B, 1, T, S] segment mask (both are compiled; `lax.cond` picks one per step). The packed kernels
 # keep float32 softmax statistics for [B * M, N, T] (M slots per row), so M sets their residual memory:
-# at 16, a quarter of the bf16 [B, 1, T, T] mask's for 32 heads at T = 4096.
+# at 16, a quarter of the bf16 [B, 1, T, T] mask's for 32 heads at T = 4096. 0 turns the packed layout off.
 CUDNN_MAX_SEGMENTS = 16
 
 
@@ -267,7 +267,7 @@ def _cudnn(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     if mask.q_segment_ids is None:
         return dense(q_BTNH, k_BSKH, v_BSKH)
     kv_seg = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.q_segment_ids
-    if mask.kv_segment_ids is not None or q_BTNH.shape[1] != k_BSKH.shape[1]:
+    if mask.kv_segment_ids is not None or q_BTNH.shape[1] != k_BSKH.shape[1] or CUDNN_MAX_SEGMENTS < 1:
         return dense(q_BTNH, k_BSKH, v_BSKH, mask.q_segment_ids, kv_seg)
     # Packed documents: cuDNN's packed layout runs each document as its own sequence (causality and the
     # window restart at its first token, as positions do), where a [B, 1, T, S] mask costs a pass over
