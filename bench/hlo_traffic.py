@@ -5,11 +5,12 @@ operand and output bytes in the optimized HLO.
 Not a timing: XLA skips autotuning without a device (GEMM back-ends may differ from a real compile), and a
 kernel's operand bytes are an upper bound on what it reads (except operands a fusion only slices or
 gathers from, which count the slices), and a `lax.scan` over layers is one `while`
-kernel here (its body is not descended into: `--unroll` gives the per-kernel view). It shows which kernels
+kernel here (its body is not descended into: `--unroll` gives the per-kernel view); a `lax.cond` counts its
+true branch (`--packed`: the cuDNN packed-layout attention batches take). It shows which kernels
 move whole activations or weights and how a model change moves the total, between GPU sessions.
 
     pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION
-    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--top 30]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--packed] [--top 30]
 """
 from __future__ import annotations
 
