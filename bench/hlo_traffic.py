@@ -125,7 +125,10 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
     operand / output bytes, shape, and the JAX op name they came from. A fusion operand that the fusion only
     slices counts its slices. A `conditional` stands for its true branch's kernels (`lax.cond`'s first
     function: in the step, the packed-attention path that batches whose rows fit take)."""
-    fused = fused_reads(hlo_text)
+    return _kernels(hlo_text, fused_reads(hlo_text), computation)
+
+
+def _kernels(hlo_text: str, fused: dict[str, list[int | None]], computation: str | None) -> list[dict]:
     if computation is None:
         start = hlo_text.index("\nENTRY")
     else:
@@ -141,7 +144,7 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
         sizes[name] = shape_bytes(shape)
         if op == "conditional":
             branch = re.search(r"true_computation=%([\w.\-]+)", line)
-            out += kernels(hlo_text, branch.group(1)) if branch else []
+            out += _kernels(hlo_text, fused, branch.group(1)) if branch else []
             continue
         if op not in KERNEL_OPS:
             continue
