@@ -47,8 +47,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto",
                  kv_cache=None):
-        """Self-attention output [B, T, D]; with `kv_cache` = (k_BSKH, v_BSKH, lengths_B, positions_BT), the
-        new keys and values are written into the cache first and (output, (k_BSKH, v_BSKH)) is returned."""
+        """Self-attention output [B, T, D]; with `kv_cache` = (k_LBSKH, v_LBSKH, layer, lengths_B, positions_BT)
+        (every layer's cache stacked), the new keys and values are written into this layer's slots first
+        and (output, (k_LBSKH, v_LBSKH)) is returned."""
         cfg = self.cfg
         q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
         q_BTNH = shd.constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), shd.ACT_BTNH)
@@ -58,8 +59,10 @@ class Attention(nnx.Module):
         if kv_cache is None:
             mask = Mask(q_segment_ids=segment_ids_BT, causal=True, window=window, layout=layout)
         else:
-            k_BSKH, v_BSKH, lengths_B, positions_BT = kv_cache
-            k_BTKH, v_BTKH = cache.write(k_BSKH, k_BTKH, lengths_B), cache.write(v_BSKH, v_BTKH, lengths_B)
+            k_LBSKH, v_LBSKH, layer, lengths_B, positions_BT = kv_cache
+            k_LBSKH = cache.write_layer(k_LBSKH, k_BTKH, layer, lengths_B)
+            v_LBSKH = cache.write_layer(v_LBSKH, v_BTKH, layer, lengths_B)
+            k_BTKH, v_BTKH = cache.layer_of(k_LBSKH, layer), cache.layer_of(v_LBSKH, layer)
             # Cache slot s holds position s (kv_index None); slots past a row's last written token lie
             # after its queries, so causality hides them.
             mask = Mask(q_index=positions_BT, causal=True, window=window, layout=layout)
@@ -67,4 +70,4 @@ class Attention(nnx.Module):
         o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
         B, T = x_BTD.shape[:2]
         out_BTD = self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))
-        return out_BTD if kv_cache is None else (out_BTD, (k_BTKH, v_BTKH))
+        return out_BTD if kv_cache is None else (out_BTD, (k_LBSKH, v_LBSKH))

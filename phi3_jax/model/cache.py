@@ -4,7 +4,8 @@ One pytree for the whole model: keys and values of every layer stacked like the 
 H], S the capacity), and per row the number of tokens already written. A forward call with a cache
 writes its T new tokens' keys and values at rows [length, length + T) and attends over the whole cache
 with positions as the mask: causality hides the slots not written yet, so rows of one batch may hold
-prompts of different lengths.
+prompts of different lengths. The layers thread the stacked arrays through as a loop carry and write
+only the new tokens into them (`write_layer`), so a decode step's cache traffic is the attention's read.
 """
 from __future__ import annotations
 
@@ -36,7 +37,18 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def write(cache_BSKH, new_BTKH, lengths_B):
-    """cache with `new` written at rows [length, length + T) of each batch row."""
-    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0))(
-        cache_BSKH, new_BTKH, lengths_B)
+def write_layer(cache_LBSKH, new_BTKH, layer, lengths_B):
+    """The stacked cache with `new` written at rows [length, length + T) of layer `layer` in each batch row.
+
+    Only the T new tokens are written: threaded through the layer loop as a carry (and donated by the
+    caller), the cache is updated in place rather than copied whole for every layer and token."""
+    B, T = new_BTKH.shape[:2]
+    rows_B1 = jnp.arange(B)[:, None]
+    slots_BT = lengths_B[:, None] + jnp.arange(T)
+    # One scatter on the stacked array (a vmap over rows would transpose the whole cache to batch it).
+    return cache_LBSKH.at[layer, rows_B1, slots_BT].set(new_BTKH.astype(cache_LBSKH.dtype), mode="drop")
+
+
+def layer_of(cache_LBSKH, layer):
+    """[B, S, K, H]: one layer of the stacked cache."""
+    return jax.lax.dynamic_index_in_dim(cache_LBSKH, layer, axis=0, keepdims=False)

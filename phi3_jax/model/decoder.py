@@ -168,42 +168,33 @@ class Decoder(nnx.Module):
         # One scanned tree per layer of the period, so a layer's weights are the scan's own slices: the
         # backward pass then reads them from the stacked input, where weights indexed inside the body
         # would be saved again as stacked residuals (a zero-filled copy of every weight each step).
-        xs = tuple(jax.tree.map(lambda a: by_step(a)[:, j], state) for j in range(P))
-        if kv is not None:
-            xs = (xs, by_step(kv[0]), by_step(kv[1]))
-        layer_ids = by_step(jnp.arange(cfg.num_layers, dtype=jnp.uint32))
+        xs = (tuple(jax.tree.map(lambda a: by_step(a)[:, j], state) for j in range(P)),
+              by_step(jnp.arange(cfg.num_layers, dtype=jnp.uint32)))
+        # The stacked KV cache rides in the carry, not in xs / ys: each layer writes its new tokens in place,
+        # where scanned inputs and outputs would copy the whole cache for every token.
+        carry = (x_BTD, None if kv is None else kv[:2])
 
-        def step(x_BTD, xs_P):
-            xs_P, ids_P = xs_P
-            st_P, kv_P = (xs_P, None) if kv is None else (xs_P[0], xs_P[1:])
-            new_kv = []
+        def step(carry, xs_P):
+            x_BTD, kv_L = carry
+            st_P, ids_P = xs_P
             for j in range(P):
                 block = nnx.merge(graphdef, st_P[j])
-                if kv is None:
+                if kv_L is None:
                     keys = None if dropout_keys_B is None else fold_rows(dropout_keys_B, ids_P[j])
                     x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys)
                 else:
-                    x_BTD, kv_j = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
-                                        kv_cache=(kv_P[0][j], kv_P[1][j], kv[2], kv[3]))
-                    new_kv.append(kv_j)
-            if kv is None:
-                return x_BTD, None
-            return x_BTD, tuple(jnp.stack([c[i] for c in new_kv]) for i in range(2))
+                    x_BTD, kv_L = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
+                                        kv_cache=(*kv_L, ids_P[j].astype(jnp.int32), kv[2], kv[3]))
+            return (x_BTD, kv_L), None
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        xs = (xs, layer_ids)
         if cfg.scan_layers:
-            x_BTD, kv_SP = jax.lax.scan(step, x_BTD, xs)
+            carry, _ = jax.lax.scan(step, carry, xs)
         else:
-            outs = []
             for s in range(cfg.num_layers // P):
-                x_BTD, out = step(x_BTD, jax.tree.map(lambda a: a[s], xs))
-                outs.append(out)
-            kv_SP = None if kv is None else tuple(jnp.stack([o[i] for o in outs]) for i in range(2))
-        if kv is None:
-            return x_BTD, None
-        return x_BTD, tuple(a.reshape(cfg.num_layers, *a.shape[2:]) for a in kv_SP)
+                carry, _ = step(carry, jax.tree.map(lambda a: a[s], xs))
+        return carry
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
