@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi3_jax.model.cache import KVCache, init_cache
+from phi3_jax.model.layers import dtype_of
 
 
 def _sample(logits_BV, key, temperature: float, top_k: int):
@@ -39,10 +40,26 @@ def _sample(logits_BV, key, temperature: float, top_k: int):
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def _matrices_in(params, dtype):
+    """The weight matrices (embedding, projections, head) cast down to the compute dtype once, before the
+    token loop. Every layer casts them to it where it uses them, so the values are the same; without this
+    each decode step casts the float32 weights again (XLA does not hoist the casts out of the loop) and
+    reads twice their bf16 bytes. Vectors (norm scales, biases) stay as they are."""
+    def cast(a):
+        down = jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize > dtype.itemsize
+        return a.astype(dtype) if a.ndim >= 2 and down else a
+
+    return jax.tree.map(cast, params)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "new_tokens", "temperature", "top_k"))
 def _generate(graphdef, params, prompt_BP, lengths_B, key, *, capacity: int, new_tokens: int, temperature: float,
               top_k: int):
-    model = nnx.merge(graphdef, params)
+    cfg = nnx.merge(graphdef, params).cfg
+    model = nnx.merge(graphdef, _matrices_in(params, dtype_of(cfg.dtype)))
+    # Layers as a scan whatever the config chose: unrolled, XLA copies each layer's weights out of the
+    # stacked arrays at every token (about twice the bytes a token; bench/RESULTS.md, sampler traffic).
+    model.cfg = cfg.replace(scan_layers=True)
     B = prompt_BP.shape[0]
     logits_BPV, cache = model(prompt_BP, cache=init_cache(model.cfg, B, capacity))
     cache = KVCache(cache.k_LBSKH, cache.v_LBSKH, lengths_B)

@@ -15,13 +15,31 @@ def _naive_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-def test_greedy_matches_naive_decode():
-    cfg = get_preset("phi-3-tiny", vocab_size=64, initializer_range=0.5, attention_impl="xla")
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_greedy_matches_naive_decode(scan_layers):
+    cfg = get_preset("phi-3-tiny", vocab_size=64, initializer_range=0.5, attention_impl="xla", scan_layers=scan_layers)
     model = init_model(cfg, seed=3)
     prompt = [5, 9, 2, 33]
     got = generate_ids(model, prompt, 10)
     assert got == _naive_greedy(model, prompt, 10)
     assert len(got) == 10
+
+
+@pytest.mark.parametrize("preset", ["phi-3-tiny", "phi-3-small-tiny"])
+def test_weights_cast_once_give_the_same_logits(preset):
+    """The sampler casts the float32 weight matrices to the compute dtype before its token loop; the model
+    casts them there at use anyway, so logits are bit-equal, and vectors (norms, biases) are left alone."""
+    from flax import nnx
+
+    from phi3_jax.generate import _matrices_in
+
+    model = init_model(get_preset(preset, vocab_size=96, dtype="bfloat16", attention_impl="xla"), seed=2)
+    graphdef, params = nnx.split(model)
+    cast = _matrices_in(params, jnp.dtype(jnp.bfloat16))
+    dtypes = {a.ndim >= 2: a.dtype for a in jax.tree.leaves(cast)}
+    assert dtypes == {True: jnp.bfloat16, False: jnp.float32}
+    ids = jnp.asarray([[5, 9, 2, 33, 7, 1, 60, 4]], jnp.int32)
+    assert jnp.array_equal(nnx.merge(graphdef, cast)(ids), model(ids))
 
 
 @pytest.mark.slow
