@@ -4,13 +4,15 @@ operand and output bytes in the optimized HLO.
 
 Not a timing: XLA skips autotuning without a device (GEMM back-ends may differ from a real compile), and a
 kernel's operand bytes are an upper bound on what it reads (except operands a fusion only slices or
-gathers from, which count the slices), and a `lax.scan` over layers is one `while`
+gathers from, which count the slices; a scatter or dynamic-update-slice into an existing buffer counts
+the elements it updates, as XLA runs it in place), and a `lax.scan` over layers is one `while`
 kernel here (its body is not descended into: `--unroll` gives the per-kernel view); a `lax.cond` counts its
 true branch (`--packed`: the cuDNN packed-layout attention batches take). It shows which kernels
 move whole activations or weights and how a model change moves the total, between GPU sessions.
 
     pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--packed] [--top 30]
+    JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py --decode   # the sampler
 """
 from __future__ import annotations
 
@@ -68,35 +70,44 @@ _SLICING = ("slice", "dynamic-slice", "gather")
 _COMPUTATION = re.compile(r"^%([\w.\-]+) \(.*\{$")
 
 
-def fused_reads(hlo_text: str) -> dict[str, list[int | None]]:
-    """For every fused computation, per parameter: the bytes its slices read where the parameter is only
+def fused_reads(hlo_text: str) -> dict[str, tuple[list[int | None], int | None]]:
+    """For every fused computation: (per parameter, the bytes its slices read where the parameter is only
     sliced (slice, dynamic-slice, gather, through bitcasts and converts), else None (the whole operand is
-    read)."""
-    reads: dict[str, list[int | None]] = {}
-    name, body = None, []
+    read); the bytes written where the fusion updates a parameter's buffer in place, else None).
+
+    A fusion whose root is a scatter or dynamic-update-slice of one of its parameters runs in place on a GPU
+    (XLA aliases the output with that operand, inserting a copy kernel where it cannot): it reads and
+    writes the updated elements only, not the whole buffer."""
+    reads: dict[str, tuple[list[int | None], int | None]] = {}
+    name, body, root = None, [], None
     for line in hlo_text.split("\n"):
         m = _COMPUTATION.match(line)
         if m:
-            name, body = m.group(1), []
+            name, body, root = m.group(1), [], None
         elif line.startswith("}") and name:
-            reads[name] = _param_reads(body)
+            reads[name] = _param_reads(body, root)
             name = None
         elif name:
             im = _INSTR.match(line.strip())
             if im:
                 body.append(im.groups())
+                if line.strip().startswith("ROOT "):
+                    root = im.group(1)
     return reads
 
 
-def _param_reads(body: list[tuple]) -> list[int | None]:
+_IN_PLACE = {"scatter": 2, "dynamic-update-slice": 1}  # op: index of its update operand
+
+
+def _param_reads(body: list[tuple], root: str | None = None) -> tuple[list[int | None], int | None]:
     users: dict[str, list[tuple]] = collections.defaultdict(list)
-    params, shapes = {}, {}
+    params, shapes, ops = {}, {}, {}
     for instr in body:
         iname, shape, op, args = instr
-        shapes[iname] = shape
+        shapes[iname], ops[iname] = shape, (op, re.findall(r"%([\w.\-]+)", args))
         if op == "parameter":
             params[iname] = int(args)
-        for a in re.findall(r"%([\w.\-]+)", args):
+        for a in ops[iname][1]:
             users[a].append(instr)
 
     def sliced_elements(node: str) -> int | None:
@@ -117,7 +128,16 @@ def _param_reads(body: list[tuple]) -> list[int | None]:
     for pname, index in params.items():
         n, size = sliced_elements(pname), shape_elements(shapes[pname])
         out[index] = None if n is None or not size else n * shape_bytes(shapes[pname]) // size
-    return out
+    written = None
+    root_op, root_args = ops.get(root, (None, []))
+    if root_op in _IN_PLACE:
+        target = root_args[0]
+        while ops[target][0] == "bitcast":
+            target = ops[target][1][0]
+        if target in params and len(users[target]) == 1:  # the buffer is only updated, not read otherwise
+            out[params[target]] = 0
+            written = shape_bytes(shapes[root_args[_IN_PLACE[root_op]]])
+    return out, written
 
 
 def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
@@ -128,7 +148,8 @@ def kernels(hlo_text: str, computation: str | None = None) -> list[dict]:
     return _kernels(hlo_text, fused_reads(hlo_text), computation)
 
 
-def _kernels(hlo_text: str, fused: dict[str, list[int | None]], computation: str | None) -> list[dict]:
+def _kernels(hlo_text: str, fused: dict[str, tuple[list[int | None], int | None]],
+             computation: str | None) -> list[dict]:
     if computation is None:
         start = hlo_text.index("\nENTRY")
     else:
@@ -146,16 +167,24 @@ def _kernels(hlo_text: str, fused: dict[str, list[int | None]], computation: str
             branch = re.search(r"true_computation=%([\w.\-]+)", line)
             out += _kernels(hlo_text, fused, branch.group(1)) if branch else []
             continue
+        loop = re.search(r"body=%([\w.\-]+)", line) if op == "while" else None
+        trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line) if loop else None
+        if trips:  # a scan: its body's kernels, once per iteration
+            out += _kernels(hlo_text, fused, loop.group(1)) * int(trips.group(1))
+            continue
         if op not in KERNEL_OPS:
             continue
         operands = [a.strip()[1:] for a in args.split(",") if a.strip().startswith("%")]
         kind = re.search(r"kind=(k\w+)", line) or re.search(r'custom_call_target="([^"]+)"', line)
         source = re.search(r'op_name="([^"]+)"', line)
         calls = re.search(r"calls=%([\w.\-]+)", line)
-        sliced = fused.get(calls.group(1), []) if op == "fusion" and calls else []
+        sliced, written = fused.get(calls.group(1), ([], None)) if op == "fusion" and calls else ([], None)
+        if op in _IN_PLACE:  # an unfused in-place update: reads and writes its update operand only
+            sliced, written = [0], sizes.get(operands[_IN_PLACE[op]], 0)
         read = sum(min(sliced[i], sizes.get(a, 0)) if i < len(sliced) and sliced[i] is not None else sizes.get(a, 0)
                    for i, a in enumerate(operands))
-        out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op, read=read, written=sizes[name],
+        out.append(dict(name=name, op=op, kind=kind.group(1) if kind else op, read=read,
+                        written=sizes[name] if written is None else written,
                         shape=shape, source=source.group(1) if source else ""))
     return out
 
@@ -180,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--unroll", action="store_true", help="layers unrolled instead of lax.scan")
     p.add_argument("--loss-chunks", type=int, default=1)
     p.add_argument("--packed", action="store_true", help="rows of several documents (segment ids, positions)")
+    p.add_argument("--decode", action="store_true",
+                   help="phi3_jax.generate's sampler instead (64 new tokens a row, KV cache of the train shape's length)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--hlo-out", metavar="FILE", help="also write the optimized HLO text here")
     args = p.parse_args(argv)
@@ -198,6 +229,8 @@ def main(argv=None) -> int:
         print(f"no deviceless CUDA compiler: {e}\n(install the jax CUDA plugin as the docstring says)", file=sys.stderr)
         return 2
     s = dict(bench.GPU_SHAPE)
+    if args.decode:
+        return decode_step(topo, s, args)
     cfg = bench.model_config(s, "bfloat16", "gpu", "cudnn", "none", not args.unroll)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, topo.devices[:1])
     tx, _ = optim.make_optimizer(abstract_params(cfg), lr=1e-4, steps=1000, warmup_steps=0, weight_decay=0.1,
@@ -226,6 +259,47 @@ def main(argv=None) -> int:
           f"jax {jax.__version__}, compiled for {topo.devices[0].device_kind} without a device")
     print(f"memory: arguments {mem.argument_size_in_bytes / 1e9:.2f} GB, temporaries {mem.temp_size_in_bytes / 1e9:.2f} GB")
     print(report(kernels(text), args.top))
+    return 0
+
+
+def decode_step(topo, s: dict, args) -> int:
+    """Tally `phi3_jax.generate`'s compiled sampler: a 64-token prompt per row, then 64 greedy tokens
+    against a KV cache with room for the train shape's sequence, from float32 weights as a trained
+    checkpoint holds them; the token loop's kernels are also summed per token."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import train_step as bench
+    from phi3_jax import generate
+    from phi3_jax.aot import traced_as
+    from phi3_jax.model import Decoder
+
+    cfg = bench.model_config(s, "bfloat16", "gpu", None, "none", True)  # generate scans the layers anyway
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    on_device = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=device)  # noqa: E731
+    state = jax.tree.map(lambda a: on_device(a.shape, a.dtype), state)
+    B, S, P, N = s["batch"], s["seq"], 64, 64
+    with traced_as("gpu"):
+        compiled = generate._generate.lower(graphdef, state, on_device((B, P), jnp.int32), on_device((B,), jnp.int32),
+                                            jax.random.key(0), capacity=S, new_tokens=N, temperature=0.0,
+                                            top_k=0).compile()
+    text = compiled.as_text()
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as f:
+            f.write(text)
+    cache_gb = 2 * cfg.num_layers * B * S * cfg.num_kv_heads * cfg.head_dim * 2 / 1e9
+    print(f"generate: batch {B}, prompt {P}, {N} new tokens, KV cache of {S} tokens ({cache_gb:.2f} GB bf16), "
+          f"{cfg.num_layers} layers at bench/train_step.py's GPU width, "
+          f"float32 weights ({sum(a.size for a in jax.tree.leaves(state)) * 4 / 1e9:.2f} GB), jax {jax.__version__}, "
+          f"compiled for {topo.devices[0].device_kind} without a device")
+    print(report(kernels(text), args.top))
+    loop = re.search(r"while\(.*?body=%([\w.\-]+).*?known_trip_count\":\{\"n\":\"" + str(N) + '"', text)
+    if loop:
+        per_token = kernels(text, loop.group(1))
+        print(f"per generated token (the token loop's body): {len(per_token)} kernels, "
+              f"{sum(k['read'] + k['written'] for k in per_token) / 1e9:.2f} GB")
     return 0
 
 

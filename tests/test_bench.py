@@ -130,3 +130,67 @@ ENTRY %main (pred: pred[], x: f32[64]) -> f32[64] {
     ks = hlo_traffic.kernels(text)
     assert [k["name"] for k in ks] == ["e"]
     assert ks[0]["read"] == ks[0]["written"] == 64 * 4
+
+
+def test_hlo_traffic_counts_in_place_updates_and_scan_iterations():
+    """A scatter into an existing buffer moves its updates only; a scan's body counts once per iteration."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import hlo_traffic
+
+    text = """HloModule m
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+%fused_write (c0: bf16[8,1024,64], c1: s32[4,1], c2: bf16[4,64]) -> bf16[8,1024,64] {
+  %c0 = bf16[8,1024,64]{2,1,0} parameter(0)
+  %c1 = s32[4,1]{1,0} parameter(1)
+  %c2 = bf16[4,64]{1,0} parameter(2)
+  ROOT %sc = bf16[8,1024,64]{2,1,0} scatter(%c0, %c1, %c2), update_window_dims={1}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={1}, index_vector_dim=1, to_apply=%add
+}
+
+%fused_fresh (z1: s32[4,1], z2: bf16[4,64]) -> bf16[8,1024,64] {
+  %zero = bf16[] constant(0)
+  %z0 = bf16[8,1024,64]{2,1,0} broadcast(%zero), dimensions={}
+  %z1 = s32[4,1]{1,0} parameter(0)
+  %z2 = bf16[4,64]{1,0} parameter(1)
+  ROOT %sz = bf16[8,1024,64]{2,1,0} scatter(%z0, %z1, %z2), update_window_dims={1}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={1}, index_vector_dim=1, to_apply=%add
+}
+
+%fused_exp (e0: f32[256]) -> f32[256] {
+  %e0 = f32[256]{0} parameter(0)
+  ROOT %ex = f32[256]{0} exponential(%e0)
+}
+
+%body (bp: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %bp = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%bp), index=0
+  %x = f32[256]{0} get-tuple-element(%bp), index=1
+  %e = f32[256]{0} fusion(%x), kind=kLoop, calls=%fused_exp
+  ROOT %bt = (s32[], f32[256]{0}) tuple(%i, %e)
+}
+
+%cond (cp: (s32[], f32[256])) -> pred[] {
+  %cp = (s32[], f32[256]{0}) parameter(0)
+  ROOT %t = pred[] constant(true)
+}
+
+ENTRY %main (cache: bf16[8,1024,64], idx: s32[4,1], new: bf16[4,64], init: (s32[], f32[256])) -> (bf16[8,1024,64], bf16[8,1024,64], (s32[], f32[256])) {
+  %cache = bf16[8,1024,64]{2,1,0} parameter(0)
+  %idx = s32[4,1]{1,0} parameter(1)
+  %new = bf16[4,64]{1,0} parameter(2)
+  %w = bf16[8,1024,64]{2,1,0} fusion(%cache, %idx, %new), kind=kInput, calls=%fused_write
+  %f = bf16[8,1024,64]{2,1,0} fusion(%idx, %new), kind=kInput, calls=%fused_fresh
+  %init = (s32[], f32[256]{0}) parameter(3)
+  %loop = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = (bf16[8,1024,64]{2,1,0}, bf16[8,1024,64]{2,1,0}, (s32[], f32[256]{0})) tuple(%w, %f, %loop)
+}
+"""
+    ks = hlo_traffic.kernels(text)
+    by_name = {k["name"]: k for k in ks}
+    assert by_name["w"]["read"] == 4 * 4 + 4 * 64 * 2 and by_name["w"]["written"] == 4 * 64 * 2  # in place
+    assert by_name["f"]["written"] == 8 * 1024 * 64 * 2  # a fresh buffer is written whole
+    assert [k["name"] for k in ks].count("e") == 5 and "loop" not in by_name
