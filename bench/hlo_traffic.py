@@ -1,13 +1,13 @@
-"""Where the bytes go in the GPU train step, from a CPU host: compile bench/train_step.py's step for an
-H100 without a GPU (XLA's deviceless compilation through the jax CUDA plugin) and tally each kernel's
-operand and output bytes in the optimized HLO.
+"""Where the bytes go in the GPU train step (or, `--decode`, the sampler), from a CPU host: compile
+bench/train_step.py's step for an H100 without a GPU (XLA's deviceless compilation through the jax CUDA
+plugin) and tally each kernel's operand and output bytes in the optimized HLO.
 
 Not a timing: XLA skips autotuning without a device (GEMM back-ends may differ from a real compile), and a
 kernel's operand bytes are an upper bound on what it reads (except operands a fusion only slices or
 gathers from, which count the slices; a scatter or dynamic-update-slice into an existing buffer counts
-the elements it updates, as XLA runs it in place), and a `lax.scan` over layers is one `while`
-kernel here (its body is not descended into: `--unroll` gives the per-kernel view); a `lax.cond` counts its
-true branch (`--packed`: the cuDNN packed-layout attention batches take). It shows which kernels
+the elements it updates, as XLA runs it in place); a `lax.scan` (a `while` with a known trip count)
+counts its body's kernels once per iteration; a `lax.cond` counts its true branch (`--packed`: the
+cuDNN packed-layout attention batches take). It shows which kernels
 move whole activations or weights and how a model change moves the total, between GPU sessions.
 
     pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION

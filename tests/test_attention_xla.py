@@ -96,3 +96,19 @@ def test_kv_cache_shapes_and_query_positions():
     assert rel_err(out, ref_out) < 2e-5
     for g, ref in zip(grads, ref_grads):
         assert rel_err(g, ref) < 2e-5
+
+
+@pytest.mark.parametrize("dtype,bound", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_one_query_a_row(heads, kv_heads, dtype, bound):
+    """A decode step (one query a row, rows at different positions) takes products and sums, not matmuls."""
+    q, k, v, w = inputs(heads, kv_heads, dtype, kv_len=64)
+    q, w = q[:, :1], w[:, :1]
+    mask = Mask(q_index=jnp.asarray([[37], [5]]))
+    out, grads = value_and_grads(xla, q, k, v, w, mask)
+    ref_out, ref_grads = value_and_grads(reference_attention, q, k, v, w, mask)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert rel_err(out, ref_out) < bound
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) < bound
+    assert not np.any(np.asarray(grads[1][1, 6:])) and not np.any(np.asarray(grads[2][0, 38:]))  # causal
