@@ -2,7 +2,8 @@
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
 # the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off and other XLA flags, the loss in
 # chunks, the forward / backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
-# tests, bench/attention.py (with its correctness checks) and bench/forward.py at phi-3-mini width.
+# tests, bench/attention.py (with its correctness checks), and bench/generate.py (sampling) and bench/forward.py
+# at phi-3-mini width.
 # Steps run in order of importance, each under its own time limit; a failing step is logged and the next
 # one still runs. Results are appended to bench/RESULTS.md; the variants print to the log only.
 #
@@ -22,7 +23,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags train_breakdown train_chunks kernels attention forward"}
+steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags train_breakdown train_chunks kernels attention generate forward"}
 
 step() {
   local name=$1 limit=$2
@@ -66,5 +67,6 @@ else
   step attention 240 $py bench/attention.py ${ATTENTION_ARGS:---seqs 4096,8192,16384,32768 --flex-seqs 8192} \
     --out bench/RESULTS.md
 fi
+step generate 180 $py bench/generate.py --device gpu --append bench/RESULTS.md
 step forward 240 $py bench/forward.py --device gpu --batch 4 --seq 4096 --layers 4 --append bench/RESULTS.md
 cp bench/RESULTS.md "$out/RESULTS.md"

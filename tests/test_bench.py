@@ -28,6 +28,16 @@ def test_train_step_bench_jax_side(tmp_path):
 
 
 @pytest.mark.slow
+def test_generate_bench_both_frameworks(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    r = _run("bench/generate.py", "--batch", "2", "--prompt", "8", "--new", "4", "--iters", "1", "--warmup", "0",
+             "--append", str(results))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ratio phi3_jax / transformers" in r.stdout
+    assert "| phi3_jax.generate" in results.read_text() and "generated tokens/s" in results.read_text()
+
+
+@pytest.mark.slow
 def test_attention_bench_smoke():
     r = _run("bench/attention.py", "--seqs", "4096")
     assert r.returncode == 0, r.stderr[-2000:]
