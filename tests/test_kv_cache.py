@@ -82,3 +82,31 @@ def test_sparse_layers_decode_through_the_kernel():
     assert calls and set(calls) == {"pallas"}
     np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]),
                                atol=2e-5 * float(jnp.abs(outs["xla"]).max()), rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [PHI3, PHI3SMALL], ids=["phi3", "phi3small"])
+def test_prefill_into_an_empty_cache_is_self_attention(cfg):
+    """A cache from init_cache is `empty`: the prefill attends among its own tokens (no query positions, no
+    scores over the capacity), and gives the logits and cache of the general path through the cache."""
+    import dataclasses
+
+    from phi3_jax.model import attention as attention_module
+
+    model = init_model(cfg, seed=5)
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, 95, (2, 13)), jnp.int32)
+    masks = []
+    real = attention_module.attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module, "attention", lambda q, k, v, mask, **kw: masks.append((mask, k.shape)) or
+                   real(q, k, v, mask, **kw))
+        fresh = init_cache(cfg, batch=2, capacity=40)
+        assert fresh.empty
+        got, got_cache = model.forward(ids, cache=fresh, impl="xla")
+        assert masks and all(m.q_index is None and shape[1] == 13 for m, shape in masks)
+        masks.clear()
+        want, want_cache = model.forward(ids, cache=dataclasses.replace(fresh, empty=False), impl="xla")
+        assert masks and all(m.q_index is not None and shape[1] == 40 for m, shape in masks)
+    assert not got_cache.empty
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * float(jnp.abs(want).max()), rtol=0)
+    np.testing.assert_allclose(np.asarray(got_cache.k_LBSKH), np.asarray(want_cache.k_LBSKH), atol=1e-5, rtol=0)
+    assert got_cache.lengths_B.tolist() == [13, 13]

@@ -49,7 +49,8 @@ class Attention(nnx.Module):
                  kv_cache=None):
         """Self-attention output [B, T, D]; with `kv_cache` = (k_LBSKH, v_LBSKH, layer, lengths_B, positions_BT)
         (every layer's cache stacked), the new keys and values are written into this layer's slots first
-        and (output, (k_LBSKH, v_LBSKH)) is returned."""
+        and (output, (k_LBSKH, v_LBSKH)) is returned. positions_BT None: a prefill into an empty cache,
+        where the new tokens attend among themselves."""
         cfg = self.cfg
         q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
         q_BTNH = shd.constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), shd.ACT_BTNH)
@@ -62,10 +63,13 @@ class Attention(nnx.Module):
             k_LBSKH, v_LBSKH, layer, lengths_B, positions_BT = kv_cache
             k_LBSKH = cache.write_layer(k_LBSKH, k_BTKH, layer, lengths_B)
             v_LBSKH = cache.write_layer(v_LBSKH, v_BTKH, layer, lengths_B)
-            k_BTKH, v_BTKH = cache.layer_of(k_LBSKH, layer), cache.layer_of(v_LBSKH, layer)
-            # Cache slot s holds position s (kv_index None); slots past a row's last written token lie
-            # after its queries, so causality hides them.
-            mask = Mask(q_index=positions_BT, causal=True, window=window, layout=layout)
+            if positions_BT is None:
+                mask = Mask(causal=True, window=window, layout=layout)
+            else:
+                k_BTKH, v_BTKH = cache.layer_of(k_LBSKH, layer), cache.layer_of(v_LBSKH, layer)
+                # Cache slot s holds position s (kv_index None); slots past a row's last written token lie
+                # after its queries, so causality hides them.
+                mask = Mask(q_index=positions_BT, causal=True, window=window, layout=layout)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
         o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
         B, T = x_BTD.shape[:2]

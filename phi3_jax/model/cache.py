@@ -6,6 +6,9 @@ writes its T new tokens' keys and values at rows [length, length + T) and attend
 with positions as the mask: causality hides the slots not written yet, so rows of one batch may hold
 prompts of different lengths. The layers thread the stacked arrays through as a loop carry and write
 only the new tokens into them (`write_layer`), so a decode step's cache traffic is the attention's read.
+A cache fresh from `init_cache` is marked `empty`: the first call (the prefill) then attends among its
+own tokens as plain causal self-attention (cuDNN / flash kernels, no [T, S] scores over the capacity)
+and only writes them into the cache.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ class KVCache:
     k_LBSKH: jax.Array
     v_LBSKH: jax.Array
     lengths_B: jax.Array  # int32: tokens already in the cache, per row
+    # Nothing written yet in any row (static): a forward with this cache is a prefill from position 0.
+    empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -34,7 +39,7 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> KVCac
     """An empty cache for `batch` rows of up to `capacity` tokens (dtype: the model's compute dtype)."""
     shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype_of(dtype or cfg.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32), empty=True)
 
 
 def write_layer(cache_LBSKH, new_BTKH, layer, lengths_B):

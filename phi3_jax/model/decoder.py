@@ -114,6 +114,8 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         B, T = input_ids_BT.shape
         impl = impl or cfg.attention_impl
+        # A prefill into an empty cache at the default positions: the tokens attend among themselves.
+        prefill = cache is not None and cache.empty and positions_BT is None
         if cache is not None:
             if segment_ids_BT is not None:
                 raise ValueError("a forward with a KV cache takes no segment ids (one document per row)")
@@ -131,7 +133,8 @@ class Decoder(nnx.Module):
             x_BTD = dropout(x_BTD, cfg.embd_dropout, fold_rows(dropout_keys_B, cfg.num_layers), 0)
         cos_BTH, sin_BTH = rope_tables(cfg, positions_BT, dtype_of(cfg.dtype))
         cos_BTH, sin_BTH = shd.constrain(cos_BTH, shd.ACT_BTH), shd.constrain(sin_BTH, shd.ACT_BTH)
-        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B, positions_BT)
+        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B,
+                                         None if prefill else positions_BT)
         keys = dropout_keys_B if cfg.resid_attn_dropout > 0 or cfg.resid_mlp_dropout > 0 else None
         x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv, keys)
         return shd.constrain(self.norm(x_BTD), shd.ACT_BTD), kv

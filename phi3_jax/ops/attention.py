@@ -164,30 +164,36 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-# One query a row (a decode step): products and sums over the keys in place, not batched matmuls. XLA:CPU
-# transposes every layer's [B, S, K, H] cache to batch its matmul by (B, K), a pass that costs more than
-# the product (an 8-layer width-512 model at batch 4, cache of 8192 slots: 463 -> 155 ms a token);
-# XLA:GPU compiles both forms to the same reductions.
-def _one_query_scores(q_B1KGH, k_BSKH):
-    """float32 [B, K, G, 1, S] = q . k for one query a row."""
-    s_BSKG = jnp.sum(q_B1KGH[:, 0, None].astype(jnp.float32) * k_BSKH[:, :, :, None].astype(jnp.float32), -1)
-    return jnp.transpose(s_BSKG, (0, 2, 3, 1))[:, :, :, None]
+# One query a row (a decode step): products and sums over the keys, kept in the cache's [B, S, K, ...]
+# order, not batched matmuls. XLA:CPU transposes every layer's [B, S, K, H] cache to batch its matmul by
+# (B, K), a pass that costs more than the product (an 8-layer width-512 model at batch 4, cache of 8192
+# slots: 463 -> 149 ms a token); on GPUs XLA compiles either form to reductions over the cache.
+def _one_query_fwd(q_B1NH, k_BSKH, v_BSKH, mask: Mask, scale: float):
+    """_xla_attention_fwd's (output [B, 1, N, H], logsumexp [B, K, G, 1, 1]) for one query a row."""
+    B, _, N, H = q_B1NH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q_B1KGH = q_B1NH.reshape(B, 1, K, G, H).astype(jnp.float32)
+    s_BSKG = jnp.sum(q_B1KGH * k_BSKH[:, :, :, None].astype(jnp.float32), -1) * scale
+    allowed_BNS = dense_mask(mask, B, 1, S, N)[:, :, 0]
+    allowed_BSKG = jnp.moveaxis(allowed_BNS, 1, 2).reshape(B, S, -1, 1 if allowed_BNS.shape[1] == 1 else G)
+    s_BSKG = jnp.where(allowed_BSKG, s_BSKG, -jnp.inf)
+    m_B1KG = jnp.max(s_BSKG, axis=1, keepdims=True)
+    m_B1KG = jnp.where(jnp.isfinite(m_B1KG), m_B1KG, 0.0)
+    p_BSKG = jnp.exp(s_BSKG - m_B1KG)
+    l_B1KG = jnp.maximum(jnp.sum(p_BSKG, axis=1, keepdims=True), 1e-30)
+    pv_BSKG = p_BSKG.astype(v_BSKH.dtype).astype(jnp.float32)
+    o_B1KGH = jnp.sum(pv_BSKG[..., None] * v_BSKH[:, :, :, None].astype(jnp.float32), 1, keepdims=True)
+    o_B1NH = (o_B1KGH / l_B1KG[..., None]).reshape(B, 1, N, H).astype(q_B1NH.dtype)
+    lse_BKG11 = (m_B1KG + jnp.log(l_B1KG))[:, 0, :, :, None, None]
+    return o_B1NH, lse_BKG11
 
 
-def _one_query_output(p_BKG1S, v_BSKH):
-    """float32 [B, 1, K, G, H] = p @ v for one query a row."""
-    p_BSKG = jnp.transpose(p_BKG1S[:, :, :, 0], (0, 3, 1, 2)).astype(jnp.float32)
-    return jnp.sum(p_BSKG[..., None] * v_BSKH[:, :, :, None].astype(jnp.float32), 1)[:, None]
-
-
-def _masked_scores(q_BTKGH, k_BSKH, mask: Mask, scale: float, one_query: bool = False):
+def _masked_scores(q_BTKGH, k_BSKH, mask: Mask, scale: float):
     """float32 scores q.k * scale, -inf where the mask hides the key: [B, K, G, T, S]."""
     B, T, K, G, _ = q_BTKGH.shape
     S = k_BSKH.shape[1]
-    if one_query:
-        s_BKGTS = _one_query_scores(q_BTKGH, k_BSKH) * scale
-    else:
-        s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
     allowed_BNTS = dense_mask(mask, B, T, S, K * G)
     allowed_BKGTS = allowed_BNTS.reshape(B, -1, 1 if allowed_BNTS.shape[1] == 1 else G, T, S)
     return jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
@@ -214,14 +220,14 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
 def _xla_attention_fwd(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    m_BKGT1, p_BKGTS, l_BKGT1 = _unnormalised_softmax(_masked_scores(q_BTKGH, k_BSKH, mask, scale, T == 1))
-    # Normalising the [T, H] output instead of the [T, S] probabilities saves a pass over the scores.
     if T == 1:
-        o_BTKGH = _one_query_output(p_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-    else:
-        o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
-                             preferred_element_type=jnp.float32)
+        o_BTNH, lse_BKGT1 = _one_query_fwd(q_BTNH, k_BSKH, v_BSKH, mask, scale)
+        return o_BTNH, (q_BTNH, k_BSKH, v_BSKH, mask, o_BTNH, lse_BKGT1)
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    m_BKGT1, p_BKGTS, l_BKGT1 = _unnormalised_softmax(_masked_scores(q_BTKGH, k_BSKH, mask, scale))
+    # Normalising the [T, H] output instead of the [T, S] probabilities saves a pass over the scores.
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+                         preferred_element_type=jnp.float32)
     o_BTKGH = o_BTKGH / jnp.moveaxis(l_BKGT1, 3, 1)
     o_BTNH = o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
     lse_BKGT1 = m_BKGT1 + jnp.log(l_BKGT1)
