@@ -161,7 +161,7 @@ class Decoder(nnx.Module):
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None, dropout_keys_B=None):
         """x after every layer, and with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT) the updated
-        (k_LBSKH, v_LBSKH) (else None). With `dropout_keys_B`, layer l drops with the row keys folded with l."""
+        (k_LBSKH, v_LBSKH) (else None; positions None: a prefill into an empty cache, see Attention). With `dropout_keys_B`, layer l drops with the row keys folded with l."""
         cfg = self.cfg
         P = cfg.layer_period
         layout = blocksparse_layout(cfg) if cfg.dense_attention_every_n_layers else None

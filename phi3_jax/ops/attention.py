@@ -177,11 +177,7 @@ def _one_query_fwd(q_B1NH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     s_BSKG = jnp.sum(q_B1KGH * k_BSKH[:, :, :, None].astype(jnp.float32), -1) * scale
     allowed_BNS = dense_mask(mask, B, 1, S, N)[:, :, 0]
     allowed_BSKG = jnp.moveaxis(allowed_BNS, 1, 2).reshape(B, S, -1, 1 if allowed_BNS.shape[1] == 1 else G)
-    s_BSKG = jnp.where(allowed_BSKG, s_BSKG, -jnp.inf)
-    m_B1KG = jnp.max(s_BSKG, axis=1, keepdims=True)
-    m_B1KG = jnp.where(jnp.isfinite(m_B1KG), m_B1KG, 0.0)
-    p_BSKG = jnp.exp(s_BSKG - m_B1KG)
-    l_B1KG = jnp.maximum(jnp.sum(p_BSKG, axis=1, keepdims=True), 1e-30)
+    m_B1KG, p_BSKG, l_B1KG = _unnormalised_softmax(jnp.where(allowed_BSKG, s_BSKG, -jnp.inf), axis=1)
     pv_BSKG = p_BSKG.astype(v_BSKH.dtype).astype(jnp.float32)
     o_B1KGH = jnp.sum(pv_BSKG[..., None] * v_BSKH[:, :, :, None].astype(jnp.float32), 1, keepdims=True)
     o_B1NH = (o_B1KGH / l_B1KG[..., None]).reshape(B, 1, N, H).astype(q_B1NH.dtype)
@@ -199,13 +195,13 @@ def _masked_scores(q_BTKGH, k_BSKH, mask: Mask, scale: float):
     return jnp.where(allowed_BKGTS, s_BKGTS, -jnp.inf)
 
 
-def _unnormalised_softmax(s_BKGTS):
-    """(row max m, exp(s - m), row sum l) in float32; a query with no visible key gets m = 0 and zeros
-    (divided by l >= 1e-30), not NaN."""
-    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+def _unnormalised_softmax(s_BKGTS, axis: int = -1):
+    """(row max m, exp(s - m), row sum l) in float32 over the keys' `axis`; a query with no visible key
+    gets m = 0 and zeros (divided by l >= 1e-30), not NaN."""
+    m_BKGT1 = jnp.max(s_BKGTS, axis=axis, keepdims=True)
     m_BKGT1 = jnp.where(jnp.isfinite(m_BKGT1), m_BKGT1, 0.0)
     p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
-    return m_BKGT1, p_BKGTS, jnp.maximum(jnp.sum(p_BKGTS, axis=-1, keepdims=True), 1e-30)
+    return m_BKGT1, p_BKGTS, jnp.maximum(jnp.sum(p_BKGTS, axis=axis, keepdims=True), 1e-30)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
