@@ -167,7 +167,7 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask: Mask, scale: float):
 # One query a row (a decode step): products and sums over the keys, kept in the cache's [B, S, K, ...]
 # order, not batched matmuls. XLA:CPU transposes every layer's [B, S, K, H] cache to batch its matmul by
 # (B, K), a pass that costs more than the product (an 8-layer width-512 model at batch 4, cache of 8192
-# slots: 463 -> 149 ms a token); on GPUs XLA compiles either form to reductions over the cache.
+# slots: 463 -> 150-170 ms a token); on GPUs XLA compiles either form to reductions over the cache.
 def _one_query_fwd(q_B1NH, k_BSKH, v_BSKH, mask: Mask, scale: float):
     """_xla_attention_fwd's (output [B, 1, N, H], logsumexp [B, K, G, 1, 1]) for one query a row."""
     B, _, N, H = q_B1NH.shape
