@@ -273,10 +273,10 @@ def decode_step(topo, s: dict, args) -> int:
     import train_step as bench
     from phi3_jax import generate
     from phi3_jax.aot import traced_as
-    from phi3_jax.model import Decoder
+    from phi3_jax.model.decoder import abstract_model
 
     cfg = bench.model_config(s, "bfloat16", "gpu", None, "none", True)  # generate scans the layers anyway
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(cfg))
     device = jax.sharding.SingleDeviceSharding(topo.devices[0])
     on_device = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=device)  # noqa: E731
     state = jax.tree.map(lambda a: on_device(a.shape, a.dtype), state)
