@@ -9,7 +9,8 @@ Tiny variant: family phi3small with LayerNorm, biases, gegelu, tied embeddings, 
 attn_scale_multiplier 1 (scores scaled by 1/head_dim), logit_divisor = the muP width multiplier
 (width 256 over a base width of 128 = 2), dense attention on every second layer and block-sparse on the
 others with 16-token blocks, 2 local blocks and vertical stride 4, so at seq_len 256 a sparse layer sees
-32 local tokens plus every fourth block before them.
+32 local tokens plus every fourth block before them; packed documents longer than 17 tokens start at
+multiples of 64 tokens in their row, so each sees its own pattern (phi3_jax/data/packing.py).
 """
 from phi3_jax.train_config import default_config, model_section, pretrain_run, textbook_cpu_run
 

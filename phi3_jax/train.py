@@ -107,7 +107,9 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                                 f"must split evenly over the {n_batch} batch shards of mesh {dict(mesh.shape)}")
     num_shards = t.data_shards or jax.process_count()
     shards = train_data.shard_ids(mesh, t.batch_size, t.seq_len, num_shards)
-    feed = train_data.DataFeed(r.raw["data"], tokenizer, t.seq_len, t.batch_size, t.seed, shards, num_shards)
+    align = train_data.packing_alignment(model_cfg)
+    feed = train_data.DataFeed(r.raw["data"], tokenizer, t.seq_len, t.batch_size, t.seed, shards, num_shards,
+                               align=align)
     initial_data_state = feed.get_state()
     next(feed)  # reads from every source now: a missing or bad file fails here, not mid-run
     feed.set_state(initial_data_state)
@@ -159,6 +161,9 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     writer.message(f"model {r.raw['model']['preset']}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} "
                    f"MFLOP/token; mesh {dict(mesh.shape)}; {jax.process_count()} process(es), "
                    f"{jax.device_count()} device(s) ({jax.devices()[0].device_kind})")
+    if align is not None:
+        writer.message(f"block-sparse layers: packed documents longer than {align.max_unaligned} tokens start at "
+                       f"row offsets that are multiples of {align.period} (the gaps hold shorter documents or padding)")
     h = None
     if start == 0:
         h = unigram_entropy(feed, num_batches=8)
@@ -169,7 +174,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     evals = []
     if t.eval_every > 0:
         evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in train_data.eval_batches(
-            r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps)]
+            r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps, align)]
 
     def evaluate() -> float | None:
         if not evals:

@@ -23,7 +23,18 @@ import jax
 import numpy as np
 
 from phi3_jax import sharding as shd
-from phi3_jax.data import make_pipeline
+from phi3_jax.data import Alignment, make_pipeline
+
+
+def packing_alignment(model_cfg) -> Alignment | None:
+    """Where a block-sparse model's packed documents may start: its pattern repeats every block_size x
+    vert_stride tokens, and a piece of at most (local_blocks - 1) x block_size + 1 tokens lies inside the
+    dense local window wherever it starts. None for a model without block-sparse layers."""
+    if not any(model_cfg.layer_is_sparse(i) for i in range(model_cfg.layer_period)):
+        return None
+    b = model_cfg.blocksparse_block_size
+    return Alignment(period=b * model_cfg.blocksparse_vert_stride,
+                     max_unaligned=(model_cfg.blocksparse_local_blocks - 1) * b + 1)
 
 
 def process_row_range(mesh, global_batch: int, seq_len: int) -> tuple[int, int]:
@@ -61,10 +72,10 @@ class DataFeed:
     """Concatenated batches of this process's data shards; checkpointable."""
 
     def __init__(self, data_cfg, tokenizer, seq_len: int, global_batch: int, seed: int, shards: Sequence[int],
-                 num_shards: int, split: str = "train"):
+                 num_shards: int, split: str = "train", align: Alignment | None = None):
         self.shards, self.num_shards = list(shards), int(num_shards)
         self._iters = [make_pipeline(data_cfg, tokenizer, seq_len, global_batch, seed, process_index=s,
-                                     process_count=num_shards, split=split) for s in self.shards]
+                                     process_count=num_shards, split=split, align=align) for s in self.shards]
 
     def __iter__(self):
         return self
@@ -97,9 +108,9 @@ class DataFeed:
 
 
 def eval_batches(data_cfg, tokenizer, seq_len: int, global_batch: int, shards: Sequence[int], num_shards: int,
-                 max_batches: int) -> list[dict[str, np.ndarray]]:
+                 max_batches: int, align: Alignment | None = None) -> list[dict[str, np.ndarray]]:
     """Up to `max_batches` held-out batches (this process's rows), the same ones at every evaluation."""
-    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval")
+    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval", align=align)
     out = []
     for _ in range(max_batches):
         try:

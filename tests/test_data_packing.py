@@ -3,10 +3,12 @@
 import itertools
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phi3_jax.data import DataError, TextbookSource, attention_mask, make_tokenizer, pack
+from phi3_jax.data import Alignment, DataError, TextbookSource, attention_mask, make_tokenizer, pack
 from phi3_jax.data.packing import Tokenize
 
 SEQ = 64
@@ -104,3 +106,106 @@ def test_bad_packing_arguments():
         pack(ds, SEQ, tok.pad_id, method="best")
     with pytest.raises(DataError, match="seq_len"):
         pack(ds, 1, tok.pad_id)
+
+
+# ---- alignment for block-sparse models --------------------------------------------------------------------
+
+ALIGN = Alignment(period=8, max_unaligned=5)  # e.g. blocks of 4 tokens, stride 2, 2 local blocks
+
+
+def _random_docs(n=200, seed=0):
+    """Unique documents of 2-5, 6-39 and 40-199 tokens, ids >= 2, each ending with eos = 1."""
+    rng = np.random.RandomState(seed)
+    docs = []
+    for _ in range(n):
+        length = int(rng.choice([rng.randint(2, 6), rng.randint(6, 40), rng.randint(40, 200)]))
+        t = rng.randint(2, 250, length).astype(np.int32)
+        t[-1] = 1
+        docs.append({"tokens": t})
+    return docs
+
+
+def _packed(docs, align, n_rows=60, seq=SEQ):
+    ds = grain.MapDataset.source(docs).to_iter_dataset()
+    rows = list(itertools.islice(pack(ds, seq, 0, align=align), n_rows))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _pieces(seg_row):
+    """(start, length) of each segment in a row."""
+    ids = np.unique(seg_row[seg_row > 0])
+    return [(int(np.argmax(seg_row == s)), int((seg_row == s).sum())) for s in ids]
+
+
+def test_aligned_pieces_see_their_own_block_sparse_pattern():
+    from pallas_kernels.blocksparse import Layout
+
+    layout = Layout(block_size=4, local_blocks=2, vert_stride=2, num_heads=2)
+    b = _packed(_random_docs(), ALIGN)
+    seg, pos = b["segment_ids"], b["positions"]
+    for r in range(len(seg)):
+        for start, length in _pieces(seg[r]):
+            assert start % ALIGN.period == 0 or length <= ALIGN.max_unaligned, (r, start, length)
+            assert np.array_equal(pos[r, start:start + length], np.arange(length))  # contiguous, from 0
+
+    def masks(b):  # the kernels' pattern (row positions) and each document's own (its positions)
+        same = jnp.asarray(attention_mask(b["segment_ids"]))[:, None]
+        rows = jnp.arange(SEQ)
+        by_row = layout.token_mask(rows, rows)[None] & same
+        by_doc = jax.vmap(lambda p: layout.token_mask(p, p))(jnp.asarray(b["positions"])) & same
+        return np.asarray(by_row), np.asarray(by_doc)
+
+    by_row, by_doc = masks(b)
+    assert np.array_equal(by_row, by_doc)
+    by_row, by_doc = masks(_packed(_random_docs(), None))
+    assert not np.array_equal(by_row, by_doc)  # without alignment long documents see a shifted pattern
+
+    # Padding only before long pieces, less than a period each; segments numbered 1, 2, ... with no gaps.
+    assert 0 < (seg == 0).mean() < 0.1
+    for r in range(len(seg)):
+        ids = np.unique(seg[r][seg[r] > 0])
+        assert np.array_equal(ids, np.arange(1, len(ids) + 1))
+        assert not b["loss_mask"][r][seg[r] == 0].any() and np.all(b["inputs"][r][seg[r] == 0] == 0)
+
+
+def test_aligned_packing_keeps_every_document_whole_and_moves_only_short_ones_ahead():
+    docs = _random_docs()
+    b = _packed(docs, ALIGN)
+    # The stream without its padding: each window's inputs plus its last target, the padding dropped.
+    stream = np.concatenate([np.r_[b["inputs"][r][b["segment_ids"][r] > 0],
+                                   b["targets"][r][-1:][b["targets"][r][-1:] > 0]] for r in range(len(b["inputs"]))])
+    ends = np.nonzero(stream == 1)[0]
+    got = np.split(stream, ends + 1)[:-1]
+    index = {tuple(d["tokens"]): i for i, d in enumerate(docs)}
+    order = [index[tuple(g)] for g in got]  # KeyError: a document was cut or merged
+    assert len(set(order)) == len(order) and len(order) > 30
+    assert set(range(min(set(range(len(docs))) - set(order)))) <= set(order)  # none skipped
+    for a, i in enumerate(order):
+        for j in order[a + 1:]:
+            if j < i:  # i overtook the long document j that waited for an aligned offset
+                assert len(docs[i]["tokens"]) <= ALIGN.max_unaligned < len(docs[j]["tokens"])
+    assert order != sorted(order)
+
+
+def test_aligned_packing_resumes_from_any_state():
+    docs = _random_docs(seed=1)
+
+    def fresh():
+        return iter(pack(grain.MapDataset.source(docs).to_iter_dataset(), SEQ, 0, align=ALIGN))
+
+    it, states, rows = fresh(), [], []
+    for _ in range(30):
+        states.append(it.get_state())
+        rows.append(next(it))
+    for i in range(0, 30, 4):
+        again = fresh()
+        again.set_state(states[i])
+        for j in range(i, min(i + 6, 30)):
+            row = next(again)
+            assert all(np.array_equal(row[k], rows[j][k]) for k in row), (i, j)
+
+
+def test_alignment_refuses_first_fit():
+    ds = grain.MapDataset.source(_random_docs(5)).to_iter_dataset()
+    with pytest.raises(DataError, match="data.packing='concat'"):
+        pack(ds, SEQ, 0, method="first_fit", align=ALIGN)

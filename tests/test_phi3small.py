@@ -236,6 +236,39 @@ def test_sparse_layer_equals_dense_up_to_the_local_window():
     assert np.abs(sparse[window:] - dense[window:]).max() > 0.1 * np.abs(dense[window:]).max()
 
 
+def test_packed_rows_give_each_document_the_logits_it_gets_alone():
+    """The block-sparse pattern is applied by row position; the packer's alignment makes that each
+    document's own pattern, so a packed row's logits equal every document's logits on its own."""
+    import grain
+
+    from phi3_jax.data import pack
+    from phi3_jax.train_data import packing_alignment
+
+    cfg = get_preset("phi-3-small-tiny", attention_impl="xla")  # blocks of 16, stride 2, 4 local blocks
+    align = packing_alignment(cfg)
+    assert (align.period, align.max_unaligned) == (32, 49)
+    assert packing_alignment(get_preset("phi-3-small-8k")) == type(align)(512, 961)
+    assert packing_alignment(get_preset("phi-3-mini-4k")) is None
+    model = phi3_jax.model.init_model(cfg, seed=0)
+    rng = np.random.RandomState(0)
+    docs = [{"tokens": rng.randint(2, cfg.vocab_size, n).astype(np.int32)} for n in (20, 150, 30, 120, 10, 90)]
+
+    def worst(align):
+        row = next(iter(pack(grain.MapDataset.source(docs).to_iter_dataset(), 256, 0, align=align)))
+        seg, pos = row["segment_ids"][None], row["positions"][None]
+        packed = np.asarray(model(row["inputs"][None], positions_BT=pos, segment_ids_BT=seg))[0]
+        err = 0.0
+        for s in np.unique(seg[seg > 0]):
+            (idx,) = np.nonzero(seg[0] == s)
+            if pos[0, idx[0]] == 0:  # a document's first piece: the same tokens alone
+                alone = np.asarray(model(row["inputs"][None, idx]))[0]
+                err = max(err, float(np.abs(packed[idx] - alone).max() / np.abs(alone).max()))
+        return err
+
+    assert worst(align) < 1e-5
+    assert worst(None) > 1e-3  # unaligned, the 150-token document at offset 20 sees a shifted pattern
+
+
 # ------------------------------------------------------------------------------------------------------
 # Full-size presets: shapes and counts without allocating (spec §7.2)
 # ------------------------------------------------------------------------------------------------------

@@ -22,10 +22,19 @@ Packing methods (both from grain.experimental):
               model sees no context from the previous row). No padding in an endless stream.
   "first_fit" FirstFitPackIterDataset: documents are first cut into pieces of at most seq_len + 1,
               then whole pieces are placed into `num_bins` open rows; rows are padded, pieces never split.
+
+Block-sparse models (phi-3-small) apply their attention pattern by row position, the kernels' tiles, while
+each document should see the pattern of its own positions, as it does alone at inference. The two agree
+for a piece that starts at a multiple of the pattern's period (block size x vertical stride) or that fits
+the dense local window. `pack(..., align=Alignment(...))` ("concat" only) keeps every longer piece on such
+an offset: the gap before it is filled with following documents short enough to sit anywhere, and padded
+(segment 0, no loss) where none fits. `phi3_jax.train_data.packing_alignment(model_cfg)` gives a model's
+Alignment; the trainer applies it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grain
@@ -36,6 +45,18 @@ from phi3_jax.data.errors import DataError
 
 PACKING_METHODS = ("concat", "first_fit")
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+_GAP = -1  # token of alignment padding in the packed stream; rows_from_window turns it into padding
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """A piece longer than `max_unaligned` tokens starts at a row offset that is a multiple of `period`."""
+    period: int
+    max_unaligned: int
+
+    def __post_init__(self):
+        if self.period < 1 or self.max_unaligned < 1:
+            raise DataError(f"alignment period and max_unaligned must be positive, got {self}")
 
 
 class Tokenize(grain.transforms.Map):
@@ -65,11 +86,88 @@ class _ChunkDocument(gexp.FlatMapTransform):
         return [{"tokens": t[i:i + self.length]} for i in range(0, max(len(t), 1), self.length)]
 
 
+class _AlignedDocumentsIterator(grain.DatasetIterator):
+    """Documents in stream order, except that a long piece due at an unaligned offset waits while the
+    gap before it fills with the following short documents (then with one padding element).
+
+    The state is the parent's state at the last point where nothing was held back (a "clean" point), the
+    row offset there and the number of elements given out since; set_state replays from that point.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, window: int, align: Alignment):
+        super().__init__(parent)
+        self._window, self._align = window, align
+        self._start(parent.get_state(), 0)
+
+    def _start(self, parent_state, offset: int) -> None:
+        self._clean, self._since = (parent_state, offset), 0
+        self._elements = self._generate(offset)
+
+    def _generate(self, offset: int):
+        """Yields (element, the row offset after it when nothing is held back, else None)."""
+        W, P, M = self._window, self._align.period, self._align.max_unaligned
+        carry = None
+        while True:
+            doc = carry if carry is not None else next(self._parent, None)
+            carry = None
+            if doc is None:
+                return
+            n = len(doc["tokens"])
+            if offset % P == 0 or min(n, W - offset) <= M:
+                offset = (offset + n) % W
+                yield doc, offset
+                continue
+            while offset % P:
+                gap = min(offset + P - offset % P, W) - offset
+                nxt = next(self._parent, None)
+                if nxt is not None and len(nxt["tokens"]) <= min(gap, M):
+                    offset = (offset + len(nxt["tokens"])) % W
+                    yield nxt, None
+                    continue
+                carry = nxt
+                offset = (offset + gap) % W
+                yield {"tokens": np.full(gap, _GAP, np.int32)}, None
+            offset = (offset + n) % W
+            yield doc, (offset if carry is None else None)
+
+    def __next__(self) -> dict:
+        element, clean_offset = next(self._elements)
+        if clean_offset is None:
+            self._since += 1
+        else:
+            self._clean, self._since = (self._parent.get_state(), clean_offset), 0
+        return element
+
+    def get_state(self) -> dict:
+        return {"parent": self._clean[0], "offset": self._clean[1], "since": self._since}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._start(state["parent"], int(state["offset"]))
+        for _ in range(int(state["since"])):
+            next(self)
+
+
+class _AlignedDocuments(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, window: int, align: Alignment):
+        super().__init__(parent)
+        self._window, self._align = window, align
+
+    def __iter__(self) -> _AlignedDocumentsIterator:
+        return _AlignedDocumentsIterator(self._parent.__iter__(), self._window, self._align)
+
+    def __str__(self) -> str:
+        return f"_AlignedDocuments(window={self._window}, {self._align})"
+
+
 def rows_from_window(window: dict, pad_id: int) -> dict[str, np.ndarray]:
     """A packed window of seq_len + 1 tokens -> one training row (see the module docstring)."""
     tok = np.asarray(window["tokens"], dtype=np.int32)
     seg = np.asarray(window["tokens_segment_ids"], dtype=np.int32)
     pos = np.asarray(window["tokens_positions"], dtype=np.int32)
+    if (tok == _GAP).any():  # alignment padding: segment 0, the documents renumbered 1, 2, ...
+        seg = np.where(tok == _GAP, 0, seg)
+        seg = np.where(seg > 0, np.searchsorted(np.unique(seg[seg > 0]), seg) + 1, 0).astype(np.int32)
     seg_in, seg_tg = seg[:-1], seg[1:]
     real = seg_in != 0
     loss_mask = (real & (seg_in == seg_tg)).astype(np.float32)
@@ -94,11 +192,19 @@ class _ToRow(grain.transforms.Map):
 
 
 def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str = "concat",
-         num_bins: int = 16, seed: int = 0, extra: dict[str, Any] | None = None) -> grain.IterDataset:
-    """{"tokens"} documents -> rows (ROW_KEYS, plus constant int32 `extra` fields such as source_id)."""
+         num_bins: int = 16, seed: int = 0, extra: dict[str, Any] | None = None,
+         align: Alignment | None = None) -> grain.IterDataset:
+    """{"tokens"} documents -> rows (ROW_KEYS, plus constant int32 `extra` fields such as source_id);
+    `align`: where long pieces may start (see the module docstring)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     window = seq_len + 1
+    if align is not None and method != "concat":
+        raise DataError(f"data.packing={method!r} places pieces at any row offset, and this model's block-sparse "
+                        f"attention needs pieces longer than {align.max_unaligned} tokens at multiples of "
+                        f"{align.period}: use data.packing='concat'")
+    if align is not None and seq_len > align.max_unaligned:
+        tokens_ds = _AlignedDocuments(tokens_ds, window, align)
     if method == "concat":
         packed = gexp.ConcatThenSplitIterDataset(tokens_ds, length_struct={"tokens": window})
     elif method == "first_fit":

@@ -34,7 +34,7 @@ import numpy as np
 from phi3_jax.data.config import DataSpec, SourceSpec, validate_data_config
 from phi3_jax.data.errors import DataError
 from phi3_jax.data.mixture import ChainIterDataset, PhasedIterDataset, derive_seed, mix_rows, steps_for_tokens
-from phi3_jax.data.packing import ROW_KEYS, Tokenize, pack
+from phi3_jax.data.packing import ROW_KEYS, Alignment, Tokenize, pack
 from phi3_jax.data.quality import make_scorer
 from phi3_jax.data.sources import make_source
 from phi3_jax.data.tokenizers import Tokenizer, make_tokenizer
@@ -153,8 +153,8 @@ def phase_schedule(data_cfg, seq_len: int, global_batch_size: int) -> list[tuple
 
 def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
                           process_index: int = 0, process_count: int = 1, split: str = "train", *,
-                          with_source_ids: bool = False, eval_sources: Sequence[str] | None = None
-                          ) -> grain.IterDataset:
+                          with_source_ids: bool = False, eval_sources: Sequence[str] | None = None,
+                          align: Alignment | None = None) -> grain.IterDataset:
     """The pipeline as a grain IterDataset (wrap it in grain prefetching if wanted); see make_pipeline."""
     spec = validate_data_config(data_cfg)
     _check_args(seq_len, global_batch_size, seed, process_index, process_count, split)
@@ -172,7 +172,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
         extra = {"source_id": index[s.name]} if with_source_ids else None
         tokens = docs.map(tok).to_iter_dataset(_read_options(spec))
         return pack(tokens, seq_len, tokenizer.pad_id, method=method, num_bins=spec.first_fit_bins,
-                    seed=pack_seed, extra=extra)
+                    seed=pack_seed, extra=extra, align=align)
 
     if split == "eval":
         used = [n for p in spec.phases for n, _ in p.weights]
@@ -225,15 +225,17 @@ class _PadAndSlice(grain.transforms.Map):
 
 def make_pipeline(data_cfg, tokenizer: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, split: str = "train", *,
-                  with_source_ids: bool = False, eval_sources: Sequence[str] | None = None) -> Iterator[dict]:
+                  with_source_ids: bool = False, eval_sources: Sequence[str] | None = None,
+                  align: Alignment | None = None) -> Iterator[dict]:
     """An iterator of this process's batches (numpy dicts; keys in the module docstring).
 
     Train iterators are grain DatasetIterators with get_state()/set_state() (checkpoint them with
     `grain.checkpoint.CheckpointSave`), plus `.step`, `.phase_index`, `.phase_name` for logging.
+    `align`: where long documents may start in a row (block-sparse models; see packing.py).
     """
     return iter(make_pipeline_dataset(data_cfg, tokenizer, seq_len, global_batch_size, seed, process_index,
                                       process_count, split, with_source_ids=with_source_ids,
-                                      eval_sources=eval_sources))
+                                      eval_sources=eval_sources, align=align))
 
 
 BATCH_KEYS = ROW_KEYS
