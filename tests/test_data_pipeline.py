@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from phi3_jax.data import (DataError, TextbookSource, default_data_config, make_pipeline, make_tokenizer,
+from phi3_jax.data import (Alignment, DataError, TextbookSource, default_data_config, make_pipeline, make_tokenizer,
                            phase_schedule, source_documents, unigram_entropy)
 
 SEQ, BATCH = 64, 8
@@ -74,17 +74,24 @@ def test_same_seed_same_batches_different_seed_different():
     assert _same(a, b) and not _same(a, c)
 
 
-@pytest.mark.parametrize("packing", ["concat", "first_fit"])
-def test_state_restore_continues_identically(packing):
+@pytest.mark.parametrize("packing,align", [("concat", None), ("first_fit", None), ("concat", Alignment(16, 9))])
+def test_state_restore_continues_identically(packing, align):
     cfg = _cfg(packing=packing)
-    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, align=align)
     _take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # as grain's Orbax handler stores it
     expected = list(it)  # 3 more in phase a, 2 in phase b
     assert len(expected) == 3
-    fresh = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    fresh = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, align=align)
     fresh.set_state(state)
     assert fresh.step == 3 and _same(list(fresh), expected)
+    if align is not None:  # a block-sparse model's rows: long pieces at multiples of 16, padding between
+        seg = np.concatenate([b["segment_ids"] for b in expected])
+        assert (seg == 0).any()
+        for row in seg:
+            for s in np.unique(row[row > 0]):
+                (idx,) = np.nonzero(row == s)
+                assert idx[0] % align.period == 0 or len(idx) <= align.max_unaligned
 
 
 def test_state_restore_at_phase_boundary():
