@@ -20,6 +20,16 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
+def matmul(x_BTK, w_KN):
+    """x @ w over x's last axis. On a CPU the rows are flattened first: for a [B, T, K] x [K, N] dot XLA:CPU
+    computes the weight gradient from a transposed copy of the output gradient with a slower matmul kernel
+    (bench/train_step.py's CPU step: about 10% faster flattened). Elsewhere the dot stays 3-D, which gives
+    XLA:TPU fewer temporaries (phi-3-mini on v5p-64: 25.75 against 26.01 GiB flattened)."""
+    if jax.default_backend() != "cpu":
+        return jnp.dot(x_BTK, w_KN)
+    return jnp.dot(x_BTK.reshape(-1, x_BTK.shape[-1]), w_KN).reshape(*x_BTK.shape[:-1], w_KN.shape[-1])
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (the transpose of a torch weight)."""
 
@@ -30,7 +40,7 @@ class Linear(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -91,7 +91,10 @@ def _unchunk(a):
 
 def _grads(x_BTD, w_DV, dlogits_BTV):
     dx_BTD = jnp.dot(dlogits_BTV, w_DV.astype(dlogits_BTV.dtype).T, preferred_element_type=jnp.float32)
-    dw_DV = jnp.einsum("btd,btv->dv", x_BTD, dlogits_BTV, preferred_element_type=jnp.float32)
+    # Over flattened rows: on [B, T, .] operands XLA:CPU first copies x transposed (GPU and TPU compile
+    # either form the same).
+    dw_DV = jnp.dot(x_BTD.reshape(-1, x_BTD.shape[-1]).T, dlogits_BTV.reshape(-1, dlogits_BTV.shape[-1]),
+                    preferred_element_type=jnp.float32)
     return dx_BTD, dw_DV
 
 
