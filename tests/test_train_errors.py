@@ -50,6 +50,15 @@ def test_config_file_errors_name_the_field(tmp_path):
     assert not wd.exists()
 
 
+def test_first_fit_packing_for_a_block_sparse_model(tmp_path):
+    c = load_config("phi3_small", "tiny")
+    c.data.packing = "first_fit"
+    with pytest.raises(DataError, match="data.packing='first_fit' places pieces at any row offset.*use "
+                                        "data.packing='concat'"):
+        run(c, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
 def test_missing_data_path(tmp_path):
     c = _cfg()
     c.data.sources = [dict(c.data.sources[0], name="mine", kind="jsonl", path=str(tmp_path / "nope.jsonl"))]
