@@ -205,6 +205,20 @@ def test_aligned_packing_resumes_from_any_state():
             assert all(np.array_equal(row[k], rows[j][k]) for k in row), (i, j)
 
 
+def test_aligned_documents_state_replays_at_most_one_gap():
+    # Only long documents: each one waits for an aligned offset. The state must still point close behind
+    # the stream (a resume replays `since` elements), not back to the first document.
+    from phi3_jax.data.packing import _AlignedDocuments
+
+    docs = [d for d in _random_docs(400, seed=2) if len(d["tokens"]) > ALIGN.max_unaligned]
+    it = iter(_AlignedDocuments(grain.MapDataset.source(docs).to_iter_dataset(), SEQ + 1, ALIGN))
+    out, since = [], []
+    for _ in range(len(docs)):
+        out.append(next(it))
+        since.append(it.get_state()["since"])
+    assert max(since) <= 2 and sum(e["tokens"][0] == -1 for e in out) > 20  # many gaps, short replays
+
+
 def test_alignment_refuses_first_fit():
     ds = grain.MapDataset.source(_random_docs(5)).to_iter_dataset()
     with pytest.raises(DataError, match="data.packing='concat'"):

@@ -90,8 +90,9 @@ class _AlignedDocumentsIterator(grain.DatasetIterator):
     """Documents in stream order, except that a long piece due at an unaligned offset waits while the
     gap before it fills with the following short documents (then with one padding element).
 
-    The state is the parent's state at the last point where nothing was held back (a "clean" point), the
-    row offset there and the number of elements given out since; set_state replays from that point.
+    The state is a "clean" point (the parent's state and the row offset where nothing is held back but
+    possibly the next document, which the parent gives again) and the number of elements given out since:
+    at most one gap's worth. set_state replays from the clean point.
     """
 
     def __init__(self, parent: grain.DatasetIterator, window: int, align: Alignment):
@@ -104,38 +105,39 @@ class _AlignedDocumentsIterator(grain.DatasetIterator):
         self._elements = self._generate(offset)
 
     def _generate(self, offset: int):
-        """Yields (element, the row offset after it when nothing is held back, else None)."""
+        """Yields (element, the clean point after it, or None inside a gap)."""
         W, P, M = self._window, self._align.period, self._align.max_unaligned
-        carry = None
+        carry = None  # (parent state before it, document): read while filling a gap, placed next
         while True:
-            doc = carry if carry is not None else next(self._parent, None)
+            doc = carry[1] if carry is not None else next(self._parent, None)
             carry = None
             if doc is None:
                 return
             n = len(doc["tokens"])
             if offset % P == 0 or min(n, W - offset) <= M:
                 offset = (offset + n) % W
-                yield doc, offset
+                yield doc, (self._parent.get_state(), offset)
                 continue
             while offset % P:
                 gap = min(offset + P - offset % P, W) - offset
+                state = self._parent.get_state()
                 nxt = next(self._parent, None)
                 if nxt is not None and len(nxt["tokens"]) <= min(gap, M):
                     offset = (offset + len(nxt["tokens"])) % W
                     yield nxt, None
                     continue
-                carry = nxt
+                carry = None if nxt is None else (state, nxt)
                 offset = (offset + gap) % W
                 yield {"tokens": np.full(gap, _GAP, np.int32)}, None
             offset = (offset + n) % W
-            yield doc, (offset if carry is None else None)
+            yield doc, (self._parent.get_state() if carry is None else carry[0], offset)
 
     def __next__(self) -> dict:
-        element, clean_offset = next(self._elements)
-        if clean_offset is None:
+        element, clean = next(self._elements)
+        if clean is None:
             self._since += 1
         else:
-            self._clean, self._since = (self._parent.get_state(), clean_offset), 0
+            self._clean, self._since = clean, 0
         return element
 
     def get_state(self) -> dict:
