@@ -107,7 +107,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                                 f"must split evenly over the {n_batch} batch shards of mesh {dict(mesh.shape)}")
     num_shards = t.data_shards or jax.process_count()
     shards = train_data.shard_ids(mesh, t.batch_size, t.seq_len, num_shards)
-    align = train_data.packing_alignment(model_cfg)
+    align = train_data.packing_alignment(model_cfg, t.seq_len)
     feed = train_data.DataFeed(r.raw["data"], tokenizer, t.seq_len, t.batch_size, t.seed, shards, num_shards,
                                align=align)
     initial_data_state = feed.get_state()

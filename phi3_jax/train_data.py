@@ -26,15 +26,17 @@ from phi3_jax import sharding as shd
 from phi3_jax.data import Alignment, make_pipeline
 
 
-def packing_alignment(model_cfg) -> Alignment | None:
+def packing_alignment(model_cfg, seq_len: int | None = None) -> Alignment | None:
     """Where a block-sparse model's packed documents may start: its pattern repeats every block_size x
     vert_stride tokens, and a piece of at most (local_blocks - 1) x block_size + 1 tokens lies inside the
-    dense local window wherever it starts. None for a model without block-sparse layers."""
+    dense local window wherever it starts. None for a model without block-sparse layers, or for rows of
+    `seq_len` tokens that no piece can outgrow the window in."""
     if not any(model_cfg.layer_is_sparse(i) for i in range(model_cfg.layer_period)):
         return None
     b = model_cfg.blocksparse_block_size
-    return Alignment(period=b * model_cfg.blocksparse_vert_stride,
-                     max_unaligned=(model_cfg.blocksparse_local_blocks - 1) * b + 1)
+    align = Alignment(period=b * model_cfg.blocksparse_vert_stride,
+                      max_unaligned=(model_cfg.blocksparse_local_blocks - 1) * b + 1)
+    return None if seq_len is not None and seq_len <= align.max_unaligned else align
 
 
 def process_row_range(mesh, global_batch: int, seq_len: int) -> tuple[int, int]:

@@ -223,3 +223,4 @@ def test_alignment_refuses_first_fit():
     ds = grain.MapDataset.source(_random_docs(5)).to_iter_dataset()
     with pytest.raises(DataError, match="data.packing='concat'"):
         pack(ds, SEQ, 0, method="first_fit", align=ALIGN)
+    pack(ds, ALIGN.max_unaligned, 0, method="first_fit", align=ALIGN)  # rows too short for any long piece

@@ -249,6 +249,7 @@ def test_packed_rows_give_each_document_the_logits_it_gets_alone():
     assert (align.period, align.max_unaligned) == (32, 49)
     assert packing_alignment(get_preset("phi-3-small-8k")) == type(align)(512, 961)
     assert packing_alignment(get_preset("phi-3-mini-4k")) is None
+    assert packing_alignment(cfg, seq_len=49) is None  # no piece of a 49-token row outgrows the window
     model = phi3_jax.model.init_model(cfg, seed=0)
     rng = np.random.RandomState(0)
     docs = [{"tokens": rng.randint(2, cfg.vocab_size, n).astype(np.int32)} for n in (20, 150, 30, 120, 10, 90)]

@@ -201,11 +201,11 @@ def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     window = seq_len + 1
-    if align is not None and method != "concat":
-        raise DataError(f"data.packing={method!r} places pieces at any row offset, and this model's block-sparse "
-                        f"attention needs pieces longer than {align.max_unaligned} tokens at multiples of "
-                        f"{align.period}: use data.packing='concat'")
-    if align is not None and seq_len > align.max_unaligned:
+    if align is not None and seq_len > align.max_unaligned:  # else every piece fits the dense local window
+        if method != "concat":
+            raise DataError(f"data.packing={method!r} places pieces at any row offset, and this model's "
+                            f"block-sparse attention needs pieces longer than {align.max_unaligned} tokens at "
+                            f"multiples of {align.period}: use data.packing='concat'")
         tokens_ds = _AlignedDocuments(tokens_ds, window, align)
     if method == "concat":
         packed = gexp.ConcatThenSplitIterDataset(tokens_ds, length_struct={"tokens": window})
