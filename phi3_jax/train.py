@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import signal
 import sys
 import time
@@ -161,15 +162,18 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     writer.message(f"model {r.raw['model']['preset']}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} "
                    f"MFLOP/token; mesh {dict(mesh.shape)}; {jax.process_count()} process(es), "
                    f"{jax.device_count()} device(s) ({jax.devices()[0].device_kind})")
+    h = None
+    if start == 0:
+        first = list(itertools.islice(feed, 8))
+        feed.set_state(initial_data_state)
+        h = unigram_entropy(first)
+        padding = float(np.mean([np.mean(b["segment_ids"] == 0) for b in first]))
+        writer.write(0, {"unigram_entropy": h, "padding_fraction": padding})
+        writer.message(f"unigram entropy of the training tokens: {h:.4f} nats/token; padding: {100 * padding:.1f}% "
+                       "of the packed tokens (first 8 batches)")
     if align is not None:
         writer.message(f"block-sparse layers: packed documents longer than {align.max_unaligned} tokens start at "
                        f"row offsets that are multiples of {align.period} (the gaps hold shorter documents or padding)")
-    h = None
-    if start == 0:
-        h = unigram_entropy(feed, num_batches=8)
-        feed.set_state(initial_data_state)
-        writer.write(0, {"unigram_entropy": h})
-        writer.message(f"unigram entropy of the training tokens: {h:.4f} nats/token")
 
     evals = []
     if t.eval_every > 0:

@@ -1,4 +1,6 @@
 """Every config file loads, validates and builds its (abstract) sharded state; the tiny runs learn."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -56,3 +58,5 @@ def test_phi3_small_tiny_is_block_sparse_and_trains(tmp_path):
     losses = [res.losses[s] for s in sorted(res.losses)]
     assert losses[-1] < losses[0] - 1.0, losses
     assert isinstance(res.sample, str)
+    first = json.loads((tmp_path / "small" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < first["padding_fraction"] < 0.1  # gaps before long documents, kept at multiples of 64 tokens

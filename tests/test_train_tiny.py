@@ -27,6 +27,7 @@ def test_tiny_config_learns(tmp_path, capsys):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(logged[-1])
     assert "mfu" not in logged[-1]  # CPU: peak unknown
     assert any("eval_loss" in r for r in rows)
+    assert rows[0]["step"] == 0 and rows[0]["padding_fraction"] == 0.0  # concat packing of an endless stream
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "sample (prompt" in out and res.sample is not None
