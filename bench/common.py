@@ -2,6 +2,8 @@
 driver that runs each framework in its own child of the calling script, and results-file appends."""
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import os
 import platform
@@ -103,6 +105,26 @@ def run_and_append(script_path: str, argv: list[str] | None, append: str | None,
         script = "bench/" + os.path.basename(script_path)
         append_entry(append, entry(results["jax"], results["torch"], command_line(script, argv), load))
     return 0
+
+
+def peer_main(script_path: str, argv: list[str] | None, args, bench_jax: Callable, bench_torch: Callable,
+              markdown: Callable, describe: Callable[[dict], str] = _default_line) -> int:
+    """A peer benchmark's entry point: with `--only jax|torch` one framework runs in this process and prints
+    its result; otherwise each runs in its own child and `--append` gets `markdown(args, jax, torch, command,
+    load)`."""
+    if args.only:
+        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
+        return 0
+    return run_and_append(script_path, argv, args.append, functools.partial(markdown, args), describe=describe)
+
+
+def entry_head(title: str, device: str, jx: dict, pt: dict, shapes: str, command: str, load: float) -> list[str]:
+    """The opening lines of a peer benchmark's bench/RESULTS.md entry: title, device and date, card, shapes,
+    versions, command, host load."""
+    card = cpu_name() if device == "cpu" else jx["device"]
+    return [f"## {title}, {device}, {datetime.date.today().isoformat()}", "", f"- card: {card}", f"- shapes: {shapes}",
+            f"- versions: jax {jx['version']}; transformers {pt['version']}", f"- command: `{command}`",
+            f"- host load average at start (1 min): {load:.1f} (other processes share these cores)", ""]
 
 
 def append_entry(path: str, text: str) -> None:

@@ -11,13 +11,11 @@ child process so neither framework's threads or memory disturb the other.
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, print_result, run_and_append, time_calls  # noqa: E402
+from common import entry_head, peer_main, time_calls  # noqa: E402
 
 WIDTH = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96, intermediate_size=8192)
 
@@ -90,18 +88,11 @@ def bench_torch(args) -> dict:
 
 
 def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
-    card = cpu_name() if args.device == "cpu" else jx["device"]
     ratio = jx["tokens_per_s"] / pt["tokens_per_s"]
+    shapes = (f"batch {args.batch}, seq {args.seq}, {args.layers} layers of hidden 3072 / 32 heads / ffn 8192, "
+              f"vocab 32064 ({jx['params'] / 1e6:.0f}M parameters), {_dtype(args)}, full logits")
     return "\n".join([
-        f"## forward, {args.device}, {datetime.date.today().isoformat()}",
-        "",
-        f"- card: {card}",
-        f"- shapes: batch {args.batch}, seq {args.seq}, {args.layers} layers of hidden 3072 / 32 heads / ffn 8192, "
-        f"vocab 32064 ({jx['params'] / 1e6:.0f}M parameters), {_dtype(args)}, full logits",
-        f"- versions: jax {jx['version']}; transformers {pt['version']}",
-        f"- command: `{command}`",
-        f"- host load average at start (1 min): {load:.1f} (other processes share these cores)",
-        "",
+        *entry_head("forward", args.device, jx, pt, shapes, command, load),
         "| framework | first call (s) | median forward (s) | tokens/s |",
         "|---|---|---|---|",
         f"| phi3_jax (jit) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} |",
@@ -113,11 +104,7 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.only:
-        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
-        return 0
-    return run_and_append(__file__, argv, args.append, functools.partial(markdown, args))
+    return peer_main(__file__, argv, parse_args(argv), bench_jax, bench_torch, markdown)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,13 +16,11 @@ The JAX side samples from float32 master weights with bf16 compute on a GPU (a t
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, print_result, run_and_append, time_calls  # noqa: E402
+from common import entry_head, peer_main, time_calls  # noqa: E402
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, intermediate_size=8192,
                  num_layers=4, batch=8, prompt=512, new=256)
@@ -123,19 +121,13 @@ def bench_torch(args) -> dict:
 
 def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
     s = shape(args)
-    card = cpu_name() if args.device == "cpu" else jx["device"]
     ratio = jx["tokens_per_s"] / pt["tokens_per_s"]
+    shapes = (f"batch {s['batch']}, prompt {s['prompt']}, {s['new']} new tokens a row (greedy), "
+              f"{s['num_layers']} layers of hidden {s['hidden_size']} / {s['num_heads']} heads / ffn "
+              f"{s['intermediate_size']}, vocab {s['vocab_size']} ({jx['params'] / 1e6:.0f}M parameters), "
+              f"{_dtype(args)} compute")
     return "\n".join([
-        f"## sampling, {args.device}, {datetime.date.today().isoformat()}",
-        "",
-        f"- card: {card}",
-        f"- shapes: batch {s['batch']}, prompt {s['prompt']}, {s['new']} new tokens a row (greedy), "
-        f"{s['num_layers']} layers of hidden {s['hidden_size']} / {s['num_heads']} heads / ffn "
-        f"{s['intermediate_size']}, vocab {s['vocab_size']} ({jx['params'] / 1e6:.0f}M parameters), {_dtype(args)} compute",
-        f"- versions: jax {jx['version']}; transformers {pt['version']}",
-        f"- command: `{command}`",
-        f"- host load average at start (1 min): {load:.1f} (other processes share these cores)",
-        "",
+        *entry_head("sampling", args.device, jx, pt, shapes, command, load),
         "| framework | first call (s) | median call (s) | new tokens/s |",
         "|---|---|---|---|",
         f"| phi3_jax.generate (one jit: prefill + lax.scan over tokens) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | "
@@ -149,11 +141,7 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.only:
-        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
-        return 0
-    return run_and_append(__file__, argv, args.append, functools.partial(markdown, args))
+    return peer_main(__file__, argv, parse_args(argv), bench_jax, bench_torch, markdown)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,11 @@ omitted where the peak is unknown, e.g. CPUs). The same FLOPs per token are used
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, print_result, profile_calls, run_and_append, time_calls  # noqa: E402
+from common import entry_head, peer_main, profile_calls, time_calls  # noqa: E402
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
                  intermediate_size=8192, num_layers=4, seq=4096, batch=4)
@@ -176,21 +174,15 @@ def bench_torch(args) -> dict:
 
 def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
     s = shape(args)
-    card = cpu_name() if args.device == "cpu" else jx["device"]
     ratio = jx["tokens_per_s"] / pt["tokens_per_s"]
     pt_mfu = pt["tokens_per_s"] * jx["mfu"] / jx["tokens_per_s"] if jx.get("mfu") else None  # same FLOPs, peak
     fmt = lambda m: "n/a (peak unknown)" if m is None else f"{100 * m:.1f}%"  # noqa: E731
+    shapes = (f"batch {s['batch']}, seq {s['seq']}, {s['num_layers']} layers of hidden {s['hidden_size']} / "
+              f"{s['num_heads']} heads / ffn {s['intermediate_size']}, vocab {s['vocab_size']} "
+              f"({jx['params'] / 1e6:.1f}M parameters), {jx['dtype']} compute, float32 master weights, AdamW + "
+              "clipping, full logits")
     return "\n".join([
-        f"## train step, {args.device}, {datetime.date.today().isoformat()}",
-        "",
-        f"- card: {card}",
-        f"- shapes: batch {s['batch']}, seq {s['seq']}, {s['num_layers']} layers of hidden {s['hidden_size']} / "
-        f"{s['num_heads']} heads / ffn {s['intermediate_size']}, vocab {s['vocab_size']} ({jx['params'] / 1e6:.1f}M "
-        f"parameters), {jx['dtype']} compute, float32 master weights, AdamW + clipping, full logits",
-        f"- versions: jax {jx['version']}; transformers {pt['version']}",
-        f"- command: `{command}`",
-        f"- host load average at start (1 min): {load:.1f} (other processes share these cores)",
-        "",
+        *entry_head("train step", args.device, jx, pt, shapes, command, load),
         "| framework | first step (s) | median step (s) | tokens/s | MFU |",
         "|---|---|---|---|---|",
         f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}, "
@@ -213,11 +205,7 @@ def _line(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.only:
-        print_result(bench_jax(args) if args.only == "jax" else bench_torch(args))
-        return 0
-    return run_and_append(__file__, argv, args.append, functools.partial(markdown, args), describe=_line)
+    return peer_main(__file__, argv, parse_args(argv), bench_jax, bench_torch, markdown, describe=_line)
 
 
 if __name__ == "__main__":
