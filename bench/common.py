@@ -132,6 +132,16 @@ def append_entry(path: str, text: str) -> None:
         f.write("\n" + text)
 
 
+def _op_kind(name: str, args: dict) -> str:
+    """Matmul, attention or other (elementwise, reductions, copies), from a trace event's kernel or op name."""
+    text = " ".join([name, *map(str, args.values())]).lower()
+    if any(k in text for k in ("fmha", "cudnn", "flash", "attention")):
+        return "attention"
+    if any(k in text for k in ("gemm", "cublas", "cutlass", "xmma", "matmul", "dot", "wgmma")):
+        return "matmul"
+    return "other"
+
+
 def profile_calls(fn: Callable[[], object], calls: int, log_dir: str, top: int = 25) -> str:
     """Runs `fn` `calls` times under the JAX profiler and returns a table of the device's busiest ops.
 
@@ -161,12 +171,19 @@ def profile_calls(fn: Callable[[], object], calls: int, log_dir: str, top: int =
             return e["pid"] in device
         return "XLA" in threads.get((e["pid"], e["tid"]), "") and "Execute" not in e["name"]
 
-    totals = collections.Counter()
+    totals, kinds = collections.Counter(), collections.Counter()
+    first, last = float("inf"), 0.0
     for e in events:
         if e.get("ph") == "X" and counted(e):
-            totals[e["name"]] += e.get("dur", 0.0) / 1e3 / calls  # microseconds -> ms per call
+            ms = e.get("dur", 0.0) / 1e3 / calls  # microseconds -> ms per call
+            totals[e["name"]] += ms
+            kinds[_op_kind(e["name"], e.get("args", {}))] += ms
+            first, last = min(first, e["ts"]), max(last, e["ts"] + e.get("dur", 0.0))
     busy = sum(totals.values())
+    span = (last - first) / 1e3 / calls if totals else 0.0
     lines = [f"device busy {busy:.2f} ms per call over {len(totals)} op names ({'device' if device else 'host XLA'} "
-             f"events of {path})", "| op | ms per call | share |", "|---|---|---|"]
+             f"events of {path}); first to last event {span:.2f} ms per call",
+             "by kind: " + ", ".join(f"{k} {ms:.2f} ms ({100 * ms / busy:.1f}%)" for k, ms in kinds.most_common()),
+             "| op | ms per call | share |", "|---|---|---|"]
     lines += [f"| {name[:90]} | {ms:.3f} | {100 * ms / busy:.1f}% |" for name, ms in totals.most_common(top)]
     return "\n".join(lines)

@@ -48,9 +48,11 @@ step fused 150 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py test
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 # Packed rows: cuDNN's packed layout (four documents per row); compare with the train step above.
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
-step train_notriton 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-  $py bench/train_step.py --device gpu --only jax --unroll
-step train_profile 180 $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
+# XLA's GEMMs through cuBLAS alone (Triton's off), with the peer again in the same run.
+step train_notriton 300 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
+step train_profile 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
 # More of XLA's GPU GEMM and scheduling choices, one process each (XLA reads its flags once): the RESULT lines.
 step train_flags 300 bash -c 'for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
     "--xla_gpu_exhaustive_tiling_search=true" "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="; do
@@ -59,7 +61,9 @@ done' "$py"
 step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
 step train_chunks 180 $py bench/train_step.py --device gpu --only jax --unroll --loss-chunks 4
 step train_scanned 180 $py bench/train_step.py --device gpu --only jax
-step kernels 150 $py -m pytest -q -m gpu tests/test_blocksparse_gpu.py -p no:cacheprovider
+# The Mosaic GPU kernels against the reference, and the model's path into them (loss and gradients).
+step kernels 180 bash -c '"$0" -m pytest -q -p no:cacheprovider -m gpu tests/test_blocksparse_gpu.py &&
+  "$0" -m pytest -q -p no:cacheprovider --runslow tests/test_model_kernels.py -k gpu_kernel_trains' "$py"
 if [ "${rc_kernels:-0}" = 124 ]; then
   echo "=== attention: skipped, the kernel tests timed out (a kernel that never finishes would hang it too)" | tee -a "$log"
 else
