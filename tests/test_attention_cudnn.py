@@ -96,7 +96,10 @@ def test_cudnn_matches_autodiff_of_reference(name, mask, heads, kv_heads):
     ref = value_and_grads(lambda q, k, v: reference_attention(q, k, v, mask, 0.125), q, k, v, w)
     out = attention(q, k, v, mask, scale=0.125, impl="cudnn")
     assert rel_err(out, reference_attention(q, k, v, mask, 0.125)) < 2e-2
-    assert abs(float(got[0]) - float(ref[0])) < 2e-2 * abs(float(ref[0])) + 1e-2
+    # The loss is a sum with cancellation over B*T*heads*H terms, so a bf16 rounding apart per output
+    # element moves it past any relative bound (the reference itself in float32 and in bf16: -14.95 and
+    # -14.52 for the packed GQA rows); it is held to the forward output it sums, checked just above.
+    np.testing.assert_allclose(float(got[0]), float(jnp.sum(out.astype(jnp.float32) * w)), rtol=1e-5, atol=1e-3)
     for g, r in zip(got[1], ref[1]):
         assert np.all(np.isfinite(np.asarray(g, np.float32))) and rel_err(g, r) < 3e-2
 
