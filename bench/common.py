@@ -137,7 +137,7 @@ def _op_kind(name: str, args: dict) -> str:
     text = " ".join([name, *map(str, args.values())]).lower()
     if any(k in text for k in ("fmha", "cudnn", "flash", "attention")):
         return "attention"
-    if any(k in text for k in ("gemm", "cublas", "cutlass", "xmma", "matmul", "dot", "wgmma")):
+    if any(k in text for k in ("gemm", "cublas", "nvjet", "cutlass", "xmma", "matmul", "dot", "wgmma")):
         return "matmul"
     return "other"
 
