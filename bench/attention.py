@@ -30,7 +30,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -38,25 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import time_ms  # noqa: E402
 from pallas_kernels.blocksparse import api  # noqa: E402
 from pallas_kernels.blocksparse.layout import Layout  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 1, 32, 8, 128
 TARGETS_8K = {"fwd": 0.45, "fwd+bwd": 1.6}  # ms on an H100
-
-
-def _time_ms(fn, *args, iters: int, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean time of `iters` back-to-back calls (dispatch overlaps compute)."""
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) * 1e3 / iters)
-    return statistics.median(samples)
 
 
 def _attention_fns(layout: Layout, backend: str, **options):
@@ -247,7 +235,7 @@ def run_gpu(args, layout: Layout) -> list[tuple]:
                 fn = jax.jit(fwd if pass_ == "fwd" else _fwd_bwd(fwd))
                 inputs = (q, k, v) if pass_ == "fwd" else (q, k, v, do)
                 try:
-                    ms = _time_ms(fn, *inputs, iters=iters if name != "reference" else 3)
+                    ms = time_ms(fn, *inputs, iters=iters if name != "reference" else 3)
                 except Exception as e:  # keep the other rows: one failing method should not hide the rest
                     print(f"{name} {pass_} at {seq} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
                     rows.append((seq, pass_, name, "failed", None, None))
@@ -303,7 +291,7 @@ def smoke() -> None:
     q = jnp.ones((1, 512, 4, 64), jnp.bfloat16)
     kv = jnp.ones((1, 512, 2, 64), jnp.bfloat16)
     fn = jax.jit(_fwd_bwd(_attention_fns(layout, "reference")))
-    ms = _time_ms(fn, q, kv, kv, q, iters=2, repeats=2)
+    ms = time_ms(fn, q, kv, kv, q, iters=2, repeats=2)
     print(f"smoke (reference, seq 512, 4 heads, {jax.devices()[0].platform}): fwd+bwd {ms:.1f} ms")
     print("GPU numbers need a GPU (Hopper: H100/H200); nothing was appended to any results file.")
 

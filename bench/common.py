@@ -32,6 +32,22 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> tuple[float
     return first, statistics.median(times)
 
 
+def time_ms(fn: Callable, *args, iters: int, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean time of `iters` back-to-back calls of a JAX function (dispatch
+    overlaps compute), after one call to compile and warm up."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) * 1e3 / iters)
+    return statistics.median(samples)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
