@@ -13,7 +13,7 @@
 # Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
 # capped at 600 s, so split the list over calls, most important first, e.g.
 #   STEPS="env fused train train_packed train_notriton" bash bench/gpu_checks.sh "$OUT"
-#   STEPS="train_profile train_flags train_breakdown train_chunks kernels attention" bash bench/gpu_checks.sh "$OUT"
+#   STEPS="train_profile elementwise train_flags train_breakdown kernels attention" bash bench/gpu_checks.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -23,7 +23,7 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags train_breakdown train_chunks kernels attention generate forward"}
+steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags elementwise train_breakdown train_chunks kernels attention generate forward"}
 
 step() {
   local name=$1 limit=$2
@@ -59,6 +59,8 @@ step train_flags 300 bash -c 'for f in "--xla_gpu_enable_triton_gemm=false --xla
     "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="; do
   echo "XLA_FLAGS=$f"; XLA_FLAGS="$f" "$0" bench/train_step.py --device gpu --only jax --unroll 2>&1 | grep -E "RESULT|Error"
 done' "$py"
+# The step's memory-bound kernels in their alternative forms (the leads of the H100 account in RESULTS.md).
+step elementwise 120 $py bench/elementwise.py --device gpu --append bench/RESULTS.md
 step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
 step train_chunks 180 $py bench/train_step.py --device gpu --only jax --unroll --loss-chunks 4
 step train_scanned 180 $py bench/train_step.py --device gpu --only jax

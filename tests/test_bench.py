@@ -37,6 +37,26 @@ def test_generate_bench_both_frameworks(tmp_path):
     assert "| phi3_jax.generate" in results.read_text() and "generated tokens/s" in results.read_text()
 
 
+def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    r = _run("bench/elementwise.py", "--iters", "1", "--append", str(results))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
+            line.startswith("| SwiGLU")]
+    assert len(rows) == 5 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+
+
+def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import elementwise
+
+    forms = elementwise.logsumexp_forms()
+    monkeypatch.setattr(elementwise, "logsumexp_forms", lambda: {**forms, "off by one": lambda l: forms[
+        "two reductions (phi3_jax on a CPU)"](l) + 1})
+    with pytest.raises(SystemExit, match="off by one differs"):
+        elementwise.run(dict(batch=1, seq=8, vocab=64, ffn=16), iters=1)
+
+
 @pytest.mark.slow
 def test_attention_bench_smoke():
     r = _run("bench/attention.py", "--seqs", "4096")

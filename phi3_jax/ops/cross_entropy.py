@@ -47,9 +47,16 @@ def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = 
     return logits_BTV
 
 
-def _logsumexp(logits_BTV):
-    """Row logsumexp [B, T] of finite logits in one read: a running (max, sum of exp(x - max)) pair, where
-    jax.nn.logsumexp reads the [B, T, V] logits twice (the max, then the sum)."""
+def _logsumexp(logits_BTV, one_read: bool | None = None):
+    """Row logsumexp [B, T] of finite logits. one_read (the default off a CPU): a running (max, sum of
+    exp(x - max)) pair in one reduce, where jax.nn.logsumexp reads the [B, T, V] logits twice (the max,
+    then the sum). XLA:CPU runs that variadic reduce 2-7x slower than the two plain reductions
+    (bench/elementwise.py), so a CPU takes those."""
+    if one_read is None:
+        one_read = jax.default_backend() != "cpu"
+    if not one_read:
+        m_BT = jnp.max(logits_BTV, axis=-1)
+        return m_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - m_BT[..., None]), axis=-1))
     low = jnp.finfo(jnp.float32).min  # a finite start: exp(low - low) * 0 stays 0, where -inf gives NaN
 
     def combine(a, b):

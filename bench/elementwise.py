@@ -1,0 +1,127 @@
+"""The train step's memory-bound kernels in alternative forms, timed on one device: the leads of the H100
+account in bench/RESULTS.md ("where the step goes").
+
+- logsumexp of the loss over [B, T, V] bf16 logits: one read (a variadic running max / sum-exp reduce)
+  against two plain reductions (the max, then the sum of exp); phi3_jax.ops.cross_entropy takes the first
+  off a CPU, the second on one.
+- SwiGLU backward, d [gate | up] from [gate | up] and d out: one pass over the whole width (phi3_jax's
+  `layers.swiglu`), autodiff of split + silu * up (XLA's own assembly), and the two halves as separate
+  outputs, not concatenated (what a gate_up projection taking its gradient in halves would need).
+
+    python bench/elementwise.py --device gpu          # phi-3-mini's shapes: batch 4 x 4096, vocab 32064, ffn 8192
+    python bench/elementwise.py --append bench/RESULTS.md
+
+Each form is checked against the first of its group before it is timed. GB/s counts the bytes the op
+must move at least (its inputs once, its outputs once), so forms that move more show a lower rate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_entry, command_line, cpu_name, time_ms  # noqa: E402
+
+GPU_SHAPE = dict(batch=4, seq=4096, vocab=32064, ffn=8192)
+CPU_SHAPE = dict(batch=2, seq=128, vocab=2048, ffn=688)
+
+
+def logsumexp_forms():
+    import jax.numpy as jnp
+
+    from phi3_jax.ops import cross_entropy
+
+    def form(one_read):
+        return lambda l_BTV: cross_entropy._logsumexp(l_BTV.astype(jnp.float32), one_read)
+
+    return {"one read (phi3_jax off a CPU)": form(True), "two reductions (phi3_jax on a CPU)": form(False)}
+
+
+def swiglu_backward_forms():
+    import jax
+    import jax.numpy as jnp
+
+    from phi3_jax.model import layers
+
+    def autodiff(z_BTF, dh_BTI):
+        return jax.vjp(lambda z: layers.plain_swiglu(z.astype(jnp.float32)).astype(z.dtype), z_BTF)[1](dh_BTI)[0]
+
+    def halves(z_BTF, dh_BTI):
+        g_BTI, u_BTI = jnp.split(z_BTF.astype(jnp.float32), 2, axis=-1)
+        dh_BTI = dh_BTI.astype(jnp.float32)
+        s_BTI = jax.nn.sigmoid(g_BTI)
+        dg_BTI = dh_BTI * u_BTI * s_BTI * (1.0 + g_BTI * (1.0 - s_BTI))
+        return dg_BTI.astype(z_BTF.dtype), (dh_BTI * g_BTI * s_BTI).astype(z_BTF.dtype)
+
+    return {"one pass over gate and up (phi3_jax)": lambda z, dh: layers._swiglu_bwd(z, dh)[0],
+            "autodiff of split": autodiff,
+            "halves, not concatenated": halves}
+
+
+def run(shape: dict, iters: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    B, T, V, I = shape["batch"], shape["seq"], shape["vocab"], shape["ffn"]
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    logits = (3 * jax.random.normal(k1, (B, T, V), jnp.float32)).astype(jnp.bfloat16)
+    z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
+    dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
+    groups = [("logsumexp", logsumexp_forms(), (logits,), logits.nbytes + B * T * 4),
+              ("SwiGLU backward", swiglu_backward_forms(), (z, dh), 2 * z.nbytes + dh.nbytes)]
+    rows = []
+    for op, forms, args, min_bytes in groups:
+        first = None
+        for name, fn in forms.items():
+            fn = jax.jit(fn)
+            out = np.concatenate([np.asarray(o, np.float32) for o in jax.tree.leaves(fn(*args))], axis=-1)
+            first = out if first is None else first
+            diff = float(np.max(np.abs(out - first)) / max(float(np.max(np.abs(first))), 1e-30))
+            # bf16 outputs: one rounding apart; float32 logsumexp: summation order
+            if not np.all(np.isfinite(out)) or diff > 1e-2:
+                raise SystemExit(f"{op}: {name} differs from {next(iter(forms))} (max relative {diff:.2e})")
+            ms = time_ms(fn, *args, iters=iters)
+            rows.append(dict(op=op, form=name, ms=ms, gbps=min_bytes / ms / 1e6, diff=diff))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| op | form | ms | GB/s (least bytes) | max relative difference to the first form |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['form']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['diff']:.1e} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--iters", type=int, default=20, help="back-to-back calls per timing (median of 5)")
+    p.add_argument("--append", metavar="FILE", help="append a markdown entry with the table to FILE")
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+    import jax
+
+    shape = GPU_SHAPE if args.device == "gpu" else CPU_SHAPE
+    rows = run(shape, args.iters)
+    text = table(rows)
+    print(text)
+    if args.append:
+        card = jax.devices()[0].device_kind if args.device == "gpu" else cpu_name()
+        append_entry(args.append, "\n".join([
+            f"## elementwise kernels, {args.device}, {datetime.date.today().isoformat()}", "",
+            f"- card: {card}",
+            f"- shapes: batch {shape['batch']} x {shape['seq']}, vocab {shape['vocab']}, ffn {shape['ffn']}, bf16",
+            f"- versions: jax {jax.__version__}",
+            f"- command: `{command_line('bench/elementwise.py', argv)}`", "", text, ""]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
