@@ -5,8 +5,9 @@ account in bench/RESULTS.md ("where the step goes").
   against two plain reductions (the max, then the sum of exp); phi3_jax.ops.cross_entropy takes the first
   off a CPU, the second on one.
 - SwiGLU backward, d [gate | up] from [gate | up] and d out: one pass over the whole width (phi3_jax's
-  `layers.swiglu`), autodiff of split + silu * up (XLA's own assembly), and the two halves as separate
-  outputs, not concatenated (what a gate_up projection taking its gradient in halves would need).
+  `layers.swiglu`), autodiff of split + silu * up (XLA's own assembly), the two halves computed apart and
+  concatenated (one kernel on a GPU, XLA's concatenate emitter: a loop per half), and the halves as
+  separate outputs (what a gate_up projection taking its gradient in halves would need).
 
     python bench/elementwise.py --device gpu          # phi-3-mini's shapes: batch 4 x 4096, vocab 32064, ffn 8192
     python bench/elementwise.py --append bench/RESULTS.md
@@ -58,8 +59,12 @@ def swiglu_backward_forms():
         dg_BTI = dh_BTI * u_BTI * s_BTI * (1.0 + g_BTI * (1.0 - s_BTI))
         return dg_BTI.astype(z_BTF.dtype), (dh_BTI * g_BTI * s_BTI).astype(z_BTF.dtype)
 
+    def concatenated(z_BTF, dh_BTI):  # XLA:GPU's concatenate emitter: one loop per half
+        return jnp.concatenate(halves(z_BTF, dh_BTI), axis=-1)
+
     return {"one pass over gate and up (phi3_jax)": lambda z, dh: layers._swiglu_bwd(z, dh)[0],
             "autodiff of split": autodiff,
+            "halves, concatenated": concatenated,
             "halves, not concatenated": halves}
 
 
