@@ -224,3 +224,31 @@ def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch):
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5)  # (GPU reductions reorder sums)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b))))),
                  out[True][1], out[False][1])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_qkv_rope_value_and_gradient_match_autodiff_of_split_and_rope(dtype):
+    """layers.qkv_rope (GQA: 4 query heads, 2 kv heads) against autodiff of the slices + apply_rope it
+    replaces on GPUs: the same values, and the same d qkv (the same roundings: products then one sum)."""
+    from phi3_jax.model.attention import split_qkv
+    from phi3_jax.model.layers import apply_rope, qkv_rope, rope_tables
+
+    cfg = get_preset("phi-3-tiny", num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64)
+    r = np.random.default_rng(0)
+    qkv = jnp.asarray(r.normal(size=(2, 9, 8 * 16)), dtype)
+    cos, sin = rope_tables(cfg, jnp.asarray(r.integers(0, 50, (2, 9)), jnp.int32), dtype)
+    ws = [jnp.asarray(r.normal(size=(2, 9, n, 16)), jnp.float32) for n in (4, 2, 2)]
+
+    def plain(qkv):
+        q, k, v = split_qkv(cfg, qkv)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def fused(qkv):
+        return qkv_rope(qkv, cos, sin, (4, 2, 16))
+
+    for a, b in zip(fused(qkv), plain(qkv)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    loss = lambda f: lambda x: sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(f(x), ws))  # noqa: E731
+    got, want = jax.grad(loss(fused))(qkv), jax.grad(loss(plain))(qkv)
+    assert got.dtype == dtype and float(jnp.max(jnp.abs(want.astype(jnp.float32)))) > 0
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

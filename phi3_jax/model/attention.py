@@ -7,7 +7,7 @@ from flax import nnx
 from phi3_jax import sharding as shd
 from phi3_jax.model import cache
 from phi3_jax.model.config import ModelConfig
-from phi3_jax.model.layers import Linear, apply_rope
+from phi3_jax.model.layers import Linear, apply_rope, fused_backward, qkv_rope
 from phi3_jax.ops import Mask, attention
 
 
@@ -23,8 +23,8 @@ def split_qkv(cfg: ModelConfig, qkv_BTF):
         z_BTKSH = qkv_BTF.reshape(B, T, K, cfg.q_per_kv + 2, H)
         q_BTNH = z_BTKSH[:, :, :, : cfg.q_per_kv].reshape(B, T, N, H)
         return q_BTNH, z_BTKSH[:, :, :, -2], z_BTKSH[:, :, :, -1]
-    # Slices, not jnp.split: on GPUs XLA fuses their padded transposes with RoPE's backward into one kernel
-    # per layer, which split's concatenation does not (bench/hlo_traffic.py).
+    # Slices, not jnp.split: XLA fuses their padded transposes with RoPE's backward into one kernel per
+    # layer, which split's concatenation does not (bench/hlo_traffic.py). GPUs take layers.qkv_rope.
     q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
     k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
     v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
@@ -52,9 +52,15 @@ class Attention(nnx.Module):
         and (output, (k_LBSKH, v_LBSKH)) is returned. positions_BT None: a prefill into an empty cache,
         where the new tokens attend among themselves."""
         cfg = self.cfg
-        q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
-        q_BTNH = shd.constrain(apply_rope(q_BTNH, cos_BTH, sin_BTH), shd.ACT_BTNH)
-        k_BTKH = shd.constrain(apply_rope(k_BTKH, cos_BTH, sin_BTH), shd.ACT_BTKH)
+        qkv_BTF = self.qkv_proj(x_BTD)
+        if cfg.family != "phi3small" and fused_backward():
+            q_BTNH, k_BTKH, v_BTKH = qkv_rope(qkv_BTF, cos_BTH, sin_BTH, (cfg.num_heads, cfg.num_kv_heads,
+                                                                       cfg.head_dim))
+        else:
+            q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, qkv_BTF)
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        q_BTNH = shd.constrain(q_BTNH, shd.ACT_BTNH)
+        k_BTKH = shd.constrain(k_BTKH, shd.ACT_BTKH)
         v_BTKH = shd.constrain(v_BTKH, shd.ACT_BTKH)
         window = None if layout is not None else window_bound(cfg)
         if kv_cache is None:

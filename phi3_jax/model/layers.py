@@ -124,9 +124,10 @@ class Embed(nnx.Module):
         return embedding_lookup(self.embedding[...], ids_BT, self.dtype)
 
 
-# The hand-written backward passes of rms_norm and swiglu cut XLA:GPU's memory traffic (bench/hlo_traffic.py:
-# the SwiGLU backward was three kernels, the norm kept a float32 copy of x under the layer scan) but raise
-# XLA:TPU's temporaries under full rematerialisation (phi-3-mini on v5p-64: 27.17 -> 36.17 GiB per chip,
+# The hand-written backward passes of rms_norm, swiglu and qkv_rope cut XLA:GPU's memory traffic or run its
+# kernels at a better rate (bench/hlo_traffic.py: the SwiGLU backward was three kernels, the norm kept a
+# float32 copy of x under the layer scan; bench/RESULTS.md for the H100 profile) but raise XLA:TPU's
+# temporaries under full rematerialisation (phi-3-mini on v5p-64: 27.17 -> 36.17 GiB per chip,
 # bench/RESULTS.md). None: on GPUs only; tests force True / False.
 FUSED_BACKWARD: bool | None = None
 
@@ -225,6 +226,45 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     half = x_BTNH.shape[-1] // 2
     rot_BTNH = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
     return x_BTNH * cos_BTH[:, :, None, :] + rot_BTNH * sin_BTH[:, :, None, :]
+
+
+def _rope_transpose(dy_BTNH, cos_BTH, sin_BTH):
+    """apply_rope's transpose in x: rot(x) = [-x2, x1] maps t = dy sin back to [t2, -t1]."""
+    half = dy_BTNH.shape[-1] // 2
+    t_BTNH = dy_BTNH * sin_BTH[:, :, None, :]
+    return dy_BTNH * cos_BTH[:, :, None, :] + jnp.concatenate([t_BTNH[..., half:], -t_BTNH[..., :half]], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def qkv_rope(qkv_BTF, cos_BTH, sin_BTH, heads: tuple[int, int, int]):
+    """phi3's fused projection [all q | all k | all v] (heads = (N, K, H)) -> RoPE'd q [B,T,N,H], RoPE'd k and
+    v [B,T,K,H]. The backward pass writes d qkv as one concatenation of the three pieces, which XLA:GPU
+    emits as a loop per piece; autodiff's form (the slices' zero-padded transposes summed, fused with
+    RoPE's backward) ran at about half the memory bandwidth on an H100 (bench/RESULTS.md)."""
+    N, K, H = heads
+    B, T, _ = qkv_BTF.shape
+    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
+    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
+    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
+    return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
+
+
+def _qkv_rope_fwd(qkv_BTF, cos_BTH, sin_BTH, heads):
+    return qkv_rope(qkv_BTF, cos_BTH, sin_BTH, heads), (cos_BTH, sin_BTH)
+
+
+def _qkv_rope_bwd(heads, res, g):
+    cos_BTH, sin_BTH = res
+    dq_BTNH, dk_BTKH, dv_BTKH = g
+    B, T = dq_BTNH.shape[:2]
+    dqkv_BTF = jnp.concatenate([_rope_transpose(dq_BTNH, cos_BTH, sin_BTH).reshape(B, T, -1),
+                                _rope_transpose(dk_BTKH, cos_BTH, sin_BTH).reshape(B, T, -1),
+                                dv_BTKH.reshape(B, T, -1)], axis=-1)
+    # cos and sin come from positions alone: their zero cotangents are dropped by XLA.
+    return dqkv_BTF, jnp.zeros_like(cos_BTH), jnp.zeros_like(sin_BTH)
+
+
+qkv_rope.defvjp(_qkv_rope_fwd, _qkv_rope_bwd)
 
 
 def plain_swiglu(z_BTF):
