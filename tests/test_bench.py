@@ -47,7 +47,7 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import elementwise
 
     forms = elementwise.logsumexp_forms()

@@ -1,5 +1,5 @@
 """Fused ops with custom gradients against plain JAX: the head + cross-entropy, the embedding lookup's float32
-gradient, SwiGLU, RMSNorm."""
+gradient, SwiGLU, RMSNorm, the qkv split + RoPE."""
 import dataclasses
 import functools
 
