@@ -7,7 +7,7 @@ from flax import nnx
 from phi3_jax import sharding as shd
 from phi3_jax.model import cache
 from phi3_jax.model.config import ModelConfig
-from phi3_jax.model.layers import Linear, apply_rope, fused_backward, qkv_rope
+from phi3_jax.model.layers import Linear, apply_rope, fused_backward, qkv_rope, split_fused_qkv
 from phi3_jax.ops import Mask, attention
 
 
@@ -23,12 +23,7 @@ def split_qkv(cfg: ModelConfig, qkv_BTF):
         z_BTKSH = qkv_BTF.reshape(B, T, K, cfg.q_per_kv + 2, H)
         q_BTNH = z_BTKSH[:, :, :, : cfg.q_per_kv].reshape(B, T, N, H)
         return q_BTNH, z_BTKSH[:, :, :, -2], z_BTKSH[:, :, :, -1]
-    # Slices, not jnp.split: XLA fuses their padded transposes with RoPE's backward into one kernel per
-    # layer, which split's concatenation does not (bench/hlo_traffic.py). GPUs take layers.qkv_rope.
-    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
-    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
-    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
-    return q_BTNH, k_BTKH, v_BTKH
+    return split_fused_qkv(qkv_BTF, (N, K, H))  # GPUs take layers.qkv_rope, the same split with RoPE
 
 
 def window_bound(cfg: ModelConfig) -> int | None:

@@ -228,6 +228,18 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
     return x_BTNH * cos_BTH[:, :, None, :] + rot_BTNH * sin_BTH[:, :, None, :]
 
 
+def split_fused_qkv(qkv_BTF, heads: tuple[int, int, int]):
+    """[all q | all k | all v] (heads = (N, K, H)) -> q [B,T,N,H], k and v [B,T,K,H]. Slices, not jnp.split:
+    XLA fuses their padded transposes with RoPE's backward into one kernel per layer, which split's
+    concatenation does not (bench/hlo_traffic.py)."""
+    N, K, H = heads
+    B, T, _ = qkv_BTF.shape
+    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
+    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
+    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
+    return q_BTNH, k_BTKH, v_BTKH
+
+
 def _rope_transpose(dy_BTNH, cos_BTH, sin_BTH):
     """apply_rope's transpose in x: rot(x) = [-x2, x1] maps t = dy sin back to [t2, -t1]."""
     half = dy_BTNH.shape[-1] // 2
@@ -241,11 +253,7 @@ def qkv_rope(qkv_BTF, cos_BTH, sin_BTH, heads: tuple[int, int, int]):
     v [B,T,K,H]. The backward pass writes d qkv as one concatenation of the three pieces, which XLA:GPU
     emits as a loop per piece; autodiff's form (the slices' zero-padded transposes summed, fused with
     RoPE's backward) ran at about half the memory bandwidth on an H100 (bench/RESULTS.md)."""
-    N, K, H = heads
-    B, T, _ = qkv_BTF.shape
-    q_BTNH = qkv_BTF[..., : N * H].reshape(B, T, N, H)
-    k_BTKH = qkv_BTF[..., N * H:(N + K) * H].reshape(B, T, K, H)
-    v_BTKH = qkv_BTF[..., (N + K) * H:].reshape(B, T, K, H)
+    q_BTNH, k_BTKH, v_BTKH = split_fused_qkv(qkv_BTF, heads)
     return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
 
 

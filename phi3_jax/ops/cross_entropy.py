@@ -55,8 +55,7 @@ def _logsumexp(logits_BTV, one_read: bool | None = None):
     if one_read is None:
         one_read = jax.default_backend() != "cpu"
     if not one_read:
-        m_BT = jnp.max(logits_BTV, axis=-1)
-        return m_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - m_BT[..., None]), axis=-1))
+        return jax.nn.logsumexp(logits_BTV, axis=-1)
     low = jnp.finfo(jnp.float32).min  # a finite start: exp(low - low) * 0 stays 0, where -inf gives NaN
 
     def combine(a, b):
