@@ -134,6 +134,30 @@ def peer_main(script_path: str, argv: list[str] | None, args, bench_jax: Callabl
     return run_and_append(script_path, argv, args.append, functools.partial(markdown, args), describe=describe)
 
 
+# The step's kernel forms a benchmark can pick (`--form NAME=VALUE`): the module constant each one sets and
+# the tuple of its values there.
+FORMS = {"logsumexp": ("phi3_jax.ops.cross_entropy", "LOGSUMEXP", "LOGSUMEXP_FORMS"),
+         "swiglu_backward": ("phi3_jax.model.layers", "SWIGLU_BACKWARD", "SWIGLU_BACKWARD_FORMS")}
+
+
+def apply_forms(pairs: list[str] | None) -> dict[str, str]:
+    """Sets the module constants that `--form NAME=VALUE` names (before anything is traced); returns them."""
+    import importlib
+
+    chosen = {}
+    for pair in pairs or ():
+        name, _, value = pair.partition("=")
+        if name not in FORMS:
+            raise SystemExit(f"--form {pair}: NAME must be one of {sorted(FORMS)}")
+        module, attr, allowed = FORMS[name]
+        mod = importlib.import_module(module)
+        if value not in getattr(mod, allowed):
+            raise SystemExit(f"--form {pair}: VALUE must be one of {getattr(mod, allowed)}")
+        setattr(mod, attr, value)
+        chosen[name] = value
+    return chosen
+
+
 def entry_head(title: str, device: str, jx: dict, pt: dict, shapes: str, command: str, load: float) -> list[str]:
     """The opening lines of a peer benchmark's bench/RESULTS.md entry: title, device and date, card, shapes,
     versions, command, host load."""

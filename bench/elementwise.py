@@ -1,13 +1,17 @@
 """The train step's memory-bound kernels in alternative forms, timed on one device: the leads of the H100
 account in bench/RESULTS.md ("where the step goes").
 
-- logsumexp of the loss over [B, T, V] bf16 logits: one read (a variadic running max / sum-exp reduce)
-  against two plain reductions (the max, then the sum of exp); phi3_jax.ops.cross_entropy takes the first
-  off a CPU, the second on one.
+- logsumexp of the loss over [B, T, V] bf16 logits: one read (a variadic running max / sum-exp reduce),
+  two plain reductions (the max, then the sum of exp), and the Pallas Triton kernel
+  (`phi3_jax.ops.rowwise`); phi3_jax.ops.cross_entropy takes the first off a CPU, the second on one
+  (`cross_entropy.LOGSUMEXP` picks another).
 - SwiGLU backward, d [gate | up] from [gate | up] and d out: one pass over the whole width (phi3_jax's
   `layers.swiglu`), autodiff of split + silu * up (XLA's own assembly), the two halves computed apart and
   concatenated (one kernel on a GPU, XLA's concatenate emitter: a loop per half), and the halves as
-  separate outputs (what a gate_up projection taking its gradient in halves would need).
+  separate outputs (what a gate_up projection taking its gradient in halves would need), and the Pallas
+  Triton kernel (`layers.SWIGLU_BACKWARD` picks the model's form).
+
+Off a GPU the Pallas kernels run in their interpreter: slow, and timed only to check them.
 
     python bench/elementwise.py --device gpu          # phi-3-mini's shapes: batch 4 x 4096, vocab 32064, ffn 8192
     python bench/elementwise.py --append bench/RESULTS.md
@@ -32,40 +36,40 @@ GPU_SHAPE = dict(batch=4, seq=4096, vocab=32064, ffn=8192)
 CPU_SHAPE = dict(batch=2, seq=128, vocab=2048, ffn=688)
 
 
-def logsumexp_forms():
+def logsumexp_forms(interpret: bool):
     import jax.numpy as jnp
 
     from phi3_jax.ops import cross_entropy
+    from phi3_jax.ops.rowwise import row_logsumexp
 
-    def form(one_read):
-        return lambda l_BTV: cross_entropy._logsumexp(l_BTV.astype(jnp.float32), one_read)
+    def form(name):
+        return lambda l_BTV: cross_entropy._logsumexp(l_BTV.astype(jnp.float32), name)
 
-    return {"one read (phi3_jax off a CPU)": form(True), "two reductions (phi3_jax on a CPU)": form(False)}
+    return {"one read (phi3_jax off a CPU)": form("one_read"), "two reductions (phi3_jax on a CPU)": form("two_reductions"),
+            "Pallas Triton kernel": lambda l_BTV: row_logsumexp(l_BTV, interpret=interpret)}
 
 
-def swiglu_backward_forms():
+def swiglu_backward_forms(interpret: bool):
     import jax
     import jax.numpy as jnp
 
     from phi3_jax.model import layers
+    from phi3_jax.ops.rowwise import swiglu_backward
 
     def autodiff(z_BTF, dh_BTI):
         return jax.vjp(lambda z: layers.plain_swiglu(z.astype(jnp.float32)).astype(z.dtype), z_BTF)[1](dh_BTI)[0]
 
-    def halves(z_BTF, dh_BTI):
-        g_BTI, u_BTI = jnp.split(z_BTF.astype(jnp.float32), 2, axis=-1)
-        dh_BTI = dh_BTI.astype(jnp.float32)
-        s_BTI = jax.nn.sigmoid(g_BTI)
-        dg_BTI = dh_BTI * u_BTI * s_BTI * (1.0 + g_BTI * (1.0 - s_BTI))
-        return dg_BTI.astype(z_BTF.dtype), (dh_BTI * g_BTI * s_BTI).astype(z_BTF.dtype)
+    def one_pass(z_BTF, dh_BTI):
+        return layers._swiglu_bwd(z_BTF, dh_BTI)[0]
 
     def concatenated(z_BTF, dh_BTI):  # XLA:GPU's concatenate emitter: one loop per half
-        return jnp.concatenate(halves(z_BTF, dh_BTI), axis=-1)
+        return jnp.concatenate(layers.swiglu_backward_halves(z_BTF, dh_BTI), axis=-1)
 
-    return {"one pass over gate and up (phi3_jax)": lambda z, dh: layers._swiglu_bwd(z, dh)[0],
+    return {"one pass over gate and up (phi3_jax)": one_pass,
             "autodiff of split": autodiff,
             "halves, concatenated": concatenated,
-            "halves, not concatenated": halves}
+            "halves, not concatenated": layers.swiglu_backward_halves,
+            "Pallas Triton kernel": lambda z, dh: swiglu_backward(z, dh, interpret=interpret)}
 
 
 def run(shape: dict, iters: int) -> list[dict]:
@@ -78,8 +82,9 @@ def run(shape: dict, iters: int) -> list[dict]:
     logits = (3 * jax.random.normal(k1, (B, T, V), jnp.float32)).astype(jnp.bfloat16)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
-    groups = [("logsumexp", logsumexp_forms(), (logits,), logits.nbytes + B * T * 4),
-              ("SwiGLU backward", swiglu_backward_forms(), (z, dh), 2 * z.nbytes + dh.nbytes)]
+    interpret = jax.default_backend() != "gpu"  # the Pallas kernels: Triton on a GPU, else the interpreter
+    groups = [("logsumexp", logsumexp_forms(interpret), (logits,), logits.nbytes + B * T * 4),
+              ("SwiGLU backward", swiglu_backward_forms(interpret), (z, dh), 2 * z.nbytes + dh.nbytes)]
     rows = []
     for op, forms, args, min_bytes in groups:
         first = None

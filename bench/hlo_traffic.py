@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--packed", action="store_true", help="rows of several documents (segment ids, positions)")
     p.add_argument("--decode", action="store_true",
                    help="phi3_jax.generate's sampler instead (64 new tokens a row, KV cache of the train shape's length)")
+    p.add_argument("--form", action="append", metavar="NAME=VALUE",
+                   help="a kernel form of the step, as bench/train_step.py --form (repeatable)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--hlo-out", metavar="FILE", help="also write the optimized HLO text here")
     args = p.parse_args(argv)
@@ -228,6 +230,13 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001  (no plugin, or the plugin refused to start)
         print(f"no deviceless CUDA compiler: {e}\n(install the jax CUDA plugin as the docstring says)", file=sys.stderr)
         return 2
+    from common import apply_forms
+
+    apply_forms(args.form)
+    # Pallas' Triton lowering asks the local GPU for its compute capability; the target here is an H100.
+    from jax._src.pallas.triton import gpu_info
+
+    gpu_info.get_gpu_info = lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100)
     s = dict(bench.GPU_SHAPE)
     if args.decode:
         return decode_step(topo, s, args)

@@ -15,6 +15,8 @@ Each framework runs in its own child process so neither one's threads or memory 
     python bench/train_step.py --device gpu --unroll    # layers unrolled instead of lax.scan (faster on an H100)
     python bench/train_step.py --device gpu --only jax --packed --breakdown   # one framework, packed rows,
                                                 # and the loss forward / loss + gradients timed alone
+    python bench/train_step.py --device gpu --only jax --unroll --form logsumexp=kernel --form swiglu_backward=halves
+                                                # other forms of the step's memory-bound kernels
 
 By default every row is one document, as on the torch side. `--packed` gives the JAX step segment ids and
 reset positions (four documents a row), the batches the training pipeline makes; the torch peer has no
@@ -30,7 +32,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import entry_head, peer_main, profile_calls, time_calls  # noqa: E402
+from common import FORMS, apply_forms, entry_head, peer_main, profile_calls, time_calls  # noqa: E402
 
 GPU_SHAPE = dict(vocab_size=32064, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
                  intermediate_size=8192, num_layers=4, seq=4096, batch=4)
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="JAX: also time the loss forward alone and loss + gradients alone (where the step goes)")
     p.add_argument("--profile", metavar="DIR", help="JAX: also trace 3 steps into DIR and print the busiest ops")
+    p.add_argument("--form", action="append", metavar="NAME=VALUE",
+                   help=f"JAX: a kernel form of the step ({', '.join(FORMS)}; see bench/common.py), repeatable")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per framework (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--only", choices=("jax", "torch"), help="run one framework and print its JSON result")
@@ -90,6 +94,7 @@ def bench_jax(args) -> dict:
     from phi3_jax.checkpoint import abstract_params
     from phi3_jax.metrics import peak_flops
 
+    forms = apply_forms(args.form)
     s = shape(args)
     dtype = "bfloat16" if args.device == "gpu" else "float32"
     cfg = model_config(s, dtype, args.device, args.attention, args.remat, not args.unroll)
@@ -130,7 +135,7 @@ def bench_jax(args) -> dict:
                 device=str(jax.devices()[0].device_kind), first_s=first, median_s=median, tokens_per_s=tps,
                 params=cfg.param_count(), flops_per_token=flops, mfu=tps * flops / peak if peak else None,
                 dtype=dtype, attention=cfg.attention_impl, remat=cfg.remat, packed=bool(args.packed),
-                scan_layers=cfg.scan_layers, loss_chunks=args.loss_chunks, **parts)
+                scan_layers=cfg.scan_layers, loss_chunks=args.loss_chunks, forms=forms, **parts)
 
 
 def bench_torch(args) -> dict:
@@ -188,7 +193,8 @@ def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
         f"| phi3_jax (jit, donated state; attention {jx['attention']}, remat {jx['remat']}, "
         f"{'scanned' if jx['scan_layers'] else 'unrolled'} layers, fused head + loss"
         f"{' in ' + str(jx['loss_chunks']) + ' chunks' if jx['loss_chunks'] > 1 else ''}"
-        f"{', packed rows' if jx['packed'] else ''}) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
+        f"{', packed rows' if jx['packed'] else ''}"
+        f"{''.join(f', {k} {v}' for k, v in jx.get('forms', {}).items())}) | {jx['first_s']:.2f} | {jx['median_s']:.3f} | {jx['tokens_per_s']:.0f} | "
         f"{fmt(jx.get('mfu'))} |",
         f"| transformers Phi3ForCausalLM + torch AdamW | {pt['first_s']:.2f} | {pt['median_s']:.3f} | "
         f"{pt['tokens_per_s']:.0f} | {fmt(pt_mfu)} |",

@@ -260,6 +260,16 @@ def batch_parallel(fn: Callable, *arrays, split_heads: bool = False):
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
 
 
+def context_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes of more than one device that a logical activation axis is split over inside
+    `activation_sharding` (none outside it)."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None:
+        return ()
+    mesh, rules = ctx
+    return tuple(a for a in _context_axes(mesh, rules, logical) if mesh.shape[a] > 1)
+
+
 def head_shards(*arrays) -> int:
     """Into how many slices `batch_parallel(..., split_heads=True)` would cut these arrays' heads (1: none)."""
     ctx = _ACTIVATION_CONTEXT.get()

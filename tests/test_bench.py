@@ -19,12 +19,31 @@ def _run(*args):
 @pytest.mark.slow
 def test_train_step_bench_jax_side(tmp_path):
     r = _run("bench/train_step.py", "--only", "jax", "--steps", "1", "--warmup", "0", "--layers", "1", "--packed",
-             "--unroll", "--breakdown", "--profile", str(tmp_path / "trace"))
+             "--unroll", "--breakdown", "--profile", str(tmp_path / "trace"), "--form", "logsumexp=one_read")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ms per call" in r.stdout and "| op |" in r.stdout  # the profile's op table
     result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     assert result["packed"] and not result["scan_layers"] and result["tokens_per_s"] > 0
     assert 0 < result["loss_forward_s"] and 0 < result["loss_and_grads_s"]
+    assert result["forms"] == {"logsumexp": "one_read"}
+
+
+def test_bench_forms_set_the_model_constants_and_refuse_unknown_ones(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import apply_forms
+
+    from phi3_jax.model import layers
+    from phi3_jax.ops import cross_entropy
+
+    monkeypatch.setattr(layers, "SWIGLU_BACKWARD", layers.SWIGLU_BACKWARD)
+    monkeypatch.setattr(cross_entropy, "LOGSUMEXP", cross_entropy.LOGSUMEXP)
+    assert apply_forms(["swiglu_backward=kernel", "logsumexp=two_reductions"]) == {
+        "swiglu_backward": "kernel", "logsumexp": "two_reductions"}
+    assert layers.SWIGLU_BACKWARD == "kernel" and cross_entropy.LOGSUMEXP == "two_reductions"
+    with pytest.raises(SystemExit, match="NAME must be one of"):
+        apply_forms(["softmax=kernel"])
+    with pytest.raises(SystemExit, match="VALUE must be one of"):
+        apply_forms(["logsumexp=fast"])
 
 
 @pytest.mark.slow
@@ -43,15 +62,15 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
             line.startswith("| SwiGLU")]
-    assert len(rows) == 6 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+    assert len(rows) == 8 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import elementwise
 
-    forms = elementwise.logsumexp_forms()
-    monkeypatch.setattr(elementwise, "logsumexp_forms", lambda: {**forms, "off by one": lambda l: forms[
+    forms = elementwise.logsumexp_forms(interpret=True)
+    monkeypatch.setattr(elementwise, "logsumexp_forms", lambda interpret: {**forms, "off by one": lambda l: forms[
         "two reductions (phi3_jax on a CPU)"](l) + 1})
     with pytest.raises(SystemExit, match="off by one differs"):
         elementwise.run(dict(batch=1, seq=8, vocab=64, ffn=16), iters=1)

@@ -1,7 +1,6 @@
 """Fused ops with custom gradients against plain JAX: the head + cross-entropy, the embedding lookup's float32
 gradient, SwiGLU, RMSNorm, the qkv split + RoPE."""
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import optax
 import pytest
 
 from phi3_jax import train_state as ts
-from phi3_jax.model import get_preset, init_model
+from phi3_jax.model import get_preset, init_model, layers
 from phi3_jax.model.layers import embedding_lookup
 from phi3_jax.ops import cross_entropy
 from phi3_jax.ops.cross_entropy import head_loss
@@ -32,11 +31,10 @@ def _inputs(B=2, T=12, D=16, V=40, seed=0):
     return x, w, t, m
 
 
-@pytest.fixture(params=[True, False], ids=["one_read", "two_reductions"])
+@pytest.fixture(params=cross_entropy.LOGSUMEXP_FORMS)
 def logsumexp_form(request, monkeypatch):
-    """Both logsumexp forms (one read off a CPU, two reductions on one), whatever the host."""
-    monkeypatch.setattr(cross_entropy, "_logsumexp", functools.partial(cross_entropy._logsumexp,
-                                                                       one_read=request.param))
+    """Every logsumexp form, whatever the host (the Pallas kernel in its interpreter off a GPU)."""
+    monkeypatch.setattr(cross_entropy, "LOGSUMEXP", request.param)
 
 
 @pytest.mark.parametrize("chunks", [1, 3])
@@ -67,6 +65,39 @@ def test_head_loss_is_stable_for_logits_in_the_thousands(chunks, logsumexp_form)
     assert np.isfinite(l) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
     np.testing.assert_allclose(l, lr, rtol=1e-5)
     np.testing.assert_allclose(gw, gwr, atol=1e-3 * np.max(np.abs(gwr)))
+
+
+@pytest.mark.parametrize("block", [64, 256])
+def test_row_logsumexp_kernel_matches_jax(block):
+    """The Pallas kernel (in its interpreter here) over rows wider than a block and not a multiple of it,
+    with one huge logit, against jax.nn.logsumexp of the same values in float32."""
+    from phi3_jax.ops.rowwise import row_logsumexp
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 300)) * 4, jnp.bfloat16).at[1, 2, 299].set(3000.0)
+    got = row_logsumexp(x, block=block, interpret=True)
+    assert got.shape == (2, 3) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, jax.nn.logsumexp(x.astype(jnp.float32), axis=-1), rtol=1e-6)
+    with pytest.raises(ValueError, match="power of 2"):
+        row_logsumexp(x, block=100, interpret=True)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 4, "fsdp": 1, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_kernel_logsumexp_loss_under_a_mesh(mesh_shape, monkeypatch):
+    """On 8 devices the kernel runs per batch shard (shard_map), and where the vocabulary is split over
+    devices the loss takes the XLA reduce instead: the same loss and gradients as the reference either way."""
+    from phi3_jax import sharding as shd
+
+    monkeypatch.setattr(cross_entropy, "LOGSUMEXP", "kernel")
+    x, w, t, m = _inputs(B=8, T=4, V=48)
+    mesh = shd.make_mesh(mesh_shape)
+    ref = jax.value_and_grad(lambda x, w: _reference(x, w, t, m), argnums=(0, 1))(x, w)
+    for rules, kernel in (({"activation_vocab": None}, True), ({}, False)):  # the table splits vocab
+        f = shd.with_activation_sharding(lambda x, w: head_loss(x, w, t, m), mesh, rules)
+        assert ("pallas_call" in str(jax.make_jaxpr(f)(x, w))) == kernel
+        got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+        for a, b in zip(got[1], ref[1]):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_head_loss_scales_with_the_cotangent_and_under_jit():
@@ -159,10 +190,14 @@ def test_train_step_loss_chunks_give_the_same_step():
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("form", layers.SWIGLU_BACKWARD_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol):
-    """The MLP's fused-width backward (one elementwise pass over [gate | up]) against JAX's own."""
+def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol, form, monkeypatch):
+    """The MLP's fused-width backward, in each form (one pass over [gate | up]; halves concatenated),
+    against JAX's own."""
     from phi3_jax.model.layers import swiglu
+
+    monkeypatch.setattr(layers, "SWIGLU_BACKWARD", form)
 
     z = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 64)) * 3, dtype)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 32)), jnp.float32)
@@ -178,6 +213,52 @@ def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol):
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
                                atol=tol * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_swiglu_backward_kernel_matches_the_xla_halves(block):
+    """The Pallas kernel (in its interpreter here), with a width that is not a multiple of its block,
+    against the same formula in XLA, bit for bit in bf16; a wrong block or shape is refused."""
+    from phi3_jax.ops.rowwise import swiglu_backward
+
+    r = np.random.default_rng(5)
+    z = jnp.asarray(r.normal(size=(2, 3, 2 * 40)) * 3, jnp.bfloat16)
+    dh = jnp.asarray(r.normal(size=(2, 3, 40)), jnp.bfloat16)
+    got = swiglu_backward(z, dh, block=block, interpret=True)
+    want = jnp.concatenate(layers.swiglu_backward_halves(z, dh), axis=-1)
+    assert got.dtype == jnp.bfloat16 and got.shape == z.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="power of 2"):
+        swiglu_backward(z, dh, block=48, interpret=True)
+    with pytest.raises(ValueError, match=r"not \[B, T, 2I\]"):
+        swiglu_backward(z, dh[..., :20], interpret=True)
+
+
+def test_swiglu_backward_kernel_under_a_mesh(monkeypatch):
+    """On 8 devices the kernel runs per batch shard, and where the MLP width is split over devices the
+    one-pass XLA form runs instead: gradients equal to autodiff's either way."""
+    from phi3_jax import sharding as shd
+
+    monkeypatch.setattr(layers, "SWIGLU_BACKWARD", "kernel")
+    r = np.random.default_rng(6)
+    z = jnp.asarray(r.normal(size=(8, 4, 64)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(8, 4, 32)), jnp.float32)
+    want = jax.grad(lambda z: jnp.sum(layers.plain_swiglu(z) * w))(z)
+    mesh = shd.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+    for rules, kernel in (({"activation_mlp": None}, True), ({}, False)):
+        f = shd.with_activation_sharding(jax.grad(lambda z: jnp.sum(layers.swiglu(z) * w)), mesh, rules)
+        assert ("pallas_call" in str(jax.make_jaxpr(f)(z))) == kernel
+        np.testing.assert_allclose(jax.jit(f)(z), want, atol=1e-5)
+
+
+def test_unknown_kernel_forms_are_refused(monkeypatch):
+    monkeypatch.setattr(layers, "SWIGLU_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="SWIGLU_BACKWARD='fast'"):
+        jax.grad(lambda z: jnp.sum(layers.swiglu(z)))(jnp.ones((1, 2, 8)))
+    monkeypatch.setattr(cross_entropy, "LOGSUMEXP", "fast")
+    x, w, t, m = _inputs()
+    with pytest.raises(ValueError, match="LOGSUMEXP='fast'"):
+        head_loss(x, w, t, m)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])

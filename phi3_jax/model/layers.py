@@ -281,12 +281,23 @@ def plain_swiglu(z_BTF):
     return jax.nn.silu(g_BTI) * u_BTI
 
 
+# How swiglu's backward pass writes d [gate | up] (bench/elementwise.py times them):
+# - "one_pass": one elementwise expression over the whole width, each entry reading its partner half;
+# - "halves": d gate and d up computed apart and concatenated, which XLA:GPU emits as one kernel with a
+#   loop per half (its concatenate emitter);
+# - "kernel": `ops.rowwise.swiglu_backward`, a Pallas Triton kernel that reads gate, up and d out once and
+#   writes both halves (GPUs; elsewhere Pallas' interpreter); "one_pass" where the MLP width is split
+#   over devices.
+SWIGLU_BACKWARD = "one_pass"
+SWIGLU_BACKWARD_FORMS = ("one_pass", "halves", "kernel")
+
+
 @jax.custom_vjp
 def swiglu(z_BTF):
     """silu(gate) * up for z = [gate | up] (the fused gate_up_proj output), computed in float32 and rounded
-    once. The backward pass writes d z in one elementwise pass from z and d out: differentiated through
-    `split`, XLA assembles it from separate gate and up gradients plus a concatenation (about twice the
-    memory traffic of the MLP's elementwise backward)."""
+    once. The backward pass writes d z as one kernel from z and d out (SWIGLU_BACKWARD): differentiated
+    through `split`, XLA assembles it from separate gate and up gradients plus a concatenation (about
+    twice the memory traffic of the MLP's elementwise backward)."""
     g_BTI, u_BTI = jnp.split(z_BTF.astype(jnp.float32), 2, axis=-1)
     return (jax.nn.silu(g_BTI) * u_BTI).astype(z_BTF.dtype)
 
@@ -296,8 +307,15 @@ def _swiglu_fwd(z_BTF):
 
 
 def _swiglu_bwd(z_BTF, dh_BTI):
-    # One elementwise expression over the whole [gate | up] width (each entry with its partner half and
-    # the matching d out entry), with no concatenation of separately computed halves for XLA to split.
+    if SWIGLU_BACKWARD not in SWIGLU_BACKWARD_FORMS:
+        raise ValueError(f"layers.SWIGLU_BACKWARD={SWIGLU_BACKWARD!r}: must be one of {SWIGLU_BACKWARD_FORMS}")
+    if SWIGLU_BACKWARD == "halves":
+        return (jnp.concatenate(swiglu_backward_halves(z_BTF, dh_BTI), axis=-1),)
+    if SWIGLU_BACKWARD == "kernel" and not shd.context_axes("activation_mlp"):
+        from phi3_jax.ops.rowwise import swiglu_backward
+
+        interpret = jax.default_backend() != "gpu"
+        return (shd.batch_parallel(lambda z, dh: swiglu_backward(z, dh, interpret=interpret), z_BTF, dh_BTI),)
     I = dh_BTI.shape[-1]
     z_BTF32 = z_BTF.astype(jnp.float32)
     partner_BTF = jnp.roll(z_BTF32, I, axis=-1)
@@ -308,6 +326,15 @@ def _swiglu_bwd(z_BTF, dh_BTI):
     dg_BTF = dh_BTF * partner_BTF * s_BTF * (1.0 + g_BTF * (1.0 - s_BTF))  # d silu(g) = s (1 + g (1 - s))
     du_BTF = dh_BTF * g_BTF * s_BTF
     return (jnp.where(is_gate_F, dg_BTF, du_BTF).astype(z_BTF.dtype),)
+
+
+def swiglu_backward_halves(z_BTF, dh_BTI):
+    """(d gate, d up) of silu(gate) * up, in z's dtype, from z = [gate | up] and d out."""
+    g_BTI, u_BTI = jnp.split(z_BTF.astype(jnp.float32), 2, axis=-1)
+    dh_BTI = dh_BTI.astype(jnp.float32)
+    s_BTI = jax.nn.sigmoid(g_BTI)
+    dg_BTI = dh_BTI * u_BTI * s_BTI * (1.0 + g_BTI * (1.0 - s_BTI))  # d silu(g) = s (1 + g (1 - s))
+    return dg_BTI.astype(z_BTF.dtype), (dh_BTI * g_BTI * s_BTI).astype(z_BTF.dtype)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -38,23 +38,47 @@ def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_i
 def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
     """float32 logits [B, T, V]: the head matmul in x's dtype (rounded there, as in the reference models),
     then the divisor and the padding columns at the float32 minimum."""
-    logits_BTV = shd.constrain(jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)), shd.ACT_BTV).astype(jnp.float32)
+    return _float_logits(_matmul_logits(x_BTD, w_DV), w_DV.shape[1], divisor, dummy_ids)
+
+
+def _matmul_logits(x_BTD, w_DV):
+    return shd.constrain(jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)), shd.ACT_BTV)
+
+
+def _float_logits(raw_BTV, V: int, divisor: float, dummy_ids: tuple[int, ...]):
+    logits_BTV = raw_BTV.astype(jnp.float32)
     if divisor != 1.0:
         logits_BTV = logits_BTV / divisor
     if dummy_ids:
-        dummy_V = jnp.zeros((w_DV.shape[1],), bool).at[jnp.asarray(dummy_ids)].set(True)
+        dummy_V = jnp.zeros((V,), bool).at[jnp.asarray(dummy_ids)].set(True)
         logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
     return logits_BTV
 
 
-def _logsumexp(logits_BTV, one_read: bool | None = None):
-    """Row logsumexp [B, T] of finite logits. one_read (the default off a CPU): a running (max, sum of
-    exp(x - max)) pair in one reduce, where jax.nn.logsumexp reads the [B, T, V] logits twice (the max,
-    then the sum). XLA:CPU runs that variadic reduce 2-7x slower than the two plain reductions
-    (bench/elementwise.py), so a CPU takes those."""
-    if one_read is None:
-        one_read = jax.default_backend() != "cpu"
-    if not one_read:
+# How the loss takes the logsumexp of its logits rows (bench/elementwise.py times the three):
+# - "one_read": a running (max, sum of exp(x - max)) pair in one XLA reduce;
+# - "two_reductions": jax.nn.logsumexp, which reads the logits twice (the max, then the sum);
+# - "kernel": `ops.rowwise.row_logsumexp`, a Pallas Triton kernel reading the matmul's own bf16 output
+#   once (GPUs; elsewhere it runs in Pallas' interpreter). Taken where the logits are exactly that output
+#   (no divisor, no padding columns) and their vocabulary is not split over devices; "one_read" otherwise.
+# None: "two_reductions" on a CPU (XLA:CPU runs the variadic reduce 2-7x slower than the two plain ones),
+# "one_read" elsewhere.
+LOGSUMEXP: str | None = None
+LOGSUMEXP_FORMS = ("one_read", "two_reductions", "kernel")
+
+
+def logsumexp_form() -> str:
+    if LOGSUMEXP is None:
+        return "two_reductions" if jax.default_backend() == "cpu" else "one_read"
+    if LOGSUMEXP not in LOGSUMEXP_FORMS:
+        raise ValueError(f"cross_entropy.LOGSUMEXP={LOGSUMEXP!r}: must be one of {LOGSUMEXP_FORMS} or None")
+    return LOGSUMEXP
+
+
+def _logsumexp(logits_BTV, form: str):
+    """Row logsumexp [B, T] of finite float32 logits in the XLA form `form` ("one_read" or
+    "two_reductions")."""
+    if form == "two_reductions":
         return jax.nn.logsumexp(logits_BTV, axis=-1)
     low = jnp.finfo(jnp.float32).min  # a finite start: exp(low - low) * 0 stays 0, where -inf gives NaN
 
@@ -67,17 +91,31 @@ def _logsumexp(logits_BTV, one_read: bool | None = None):
     return m_BT + jnp.log(s_BT)
 
 
-def _loss_and_lse(logits_BTV, targets_BT, mask_BT):
-    """(masked sum of logsumexp - target logit, the logsumexp [B, T])."""
-    lse_BT = _logsumexp(logits_BTV)
+def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
+    """logsumexp of `logits_BTV` (float32, made from the matmul output `raw_BTV`; `plain`: nothing but its
+    cast) in the configured form."""
+    form = logsumexp_form()
+    if form == "kernel" and plain and not shd.context_axes("activation_vocab"):
+        from phi3_jax.ops.rowwise import row_logsumexp
+
+        interpret = jax.default_backend() != "gpu"
+        # [B, T, 1]: batch_parallel shards the output like its input
+        return shd.batch_parallel(lambda r: row_logsumexp(r, interpret=interpret)[..., None], raw_BTV)[..., 0]
+    return _logsumexp(logits_BTV, "one_read" if form == "kernel" else form)
+
+
+def _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids):
+    """(float32 logits, masked sum of logsumexp - target logit, the logsumexp [B, T]) from the head matmul's
+    output."""
+    logits_BTV = _float_logits(raw_BTV, raw_BTV.shape[-1], divisor, dummy_ids)
+    lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
+    return logits_BTV, jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
 
 
 def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     """(masked loss sum, d loss_sum / d (x @ w) in x's dtype) for one chunk."""
-    logits_BTV = head_logits(x_BTD, w_DV, divisor, dummy_ids)
-    loss, lse_BT = _loss_and_lse(logits_BTV, targets_BT, mask_BT)
+    logits_BTV, loss, lse_BT = _loss_and_lse(_matmul_logits(x_BTD, w_DV), targets_BT, mask_BT, divisor, dummy_ids)
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
     scale_BT = mask_BT / divisor
     dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]
@@ -116,7 +154,7 @@ def _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
 
     def body(total, xs):
         x, t, m = xs
-        return total + _loss_and_lse(head_logits(x, w_DV, divisor, dummy_ids), t, m)[0], None
+        return total + _loss_and_lse(_matmul_logits(x, w_DV), t, m, divisor, dummy_ids)[1], None
 
     xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(mask_BT, chunks))
     loss, _ = jax.lax.scan(body, jnp.float32(0), xs)

@@ -1,0 +1,96 @@
+"""Row-wise kernels of the train step that read each input once: Pallas Triton kernels for GPUs.
+
+- `row_logsumexp(logits_BTV)` = logsumexp(logits.astype(float32), axis=-1) for finite logits: each row
+  walked in `block`-wide slices with a running max and sum of exp(x - max) (one exp per logit). XLA's
+  forms of the same reduction either read the logits twice (max, then sum of exp) or run its variadic
+  (max, sum) reduce well below the memory bandwidth (bench/RESULTS.md, the H100 account of the step).
+- `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
+  and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
+  once per output half or write the halves one after the other.
+
+One program per row (a `vmap` of the kernel); `interpret` runs them in Pallas' interpreter on any backend
+(the tests). Neither has a gradient: they are the insides of hand-written backward passes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_LOW = float(jnp.finfo(jnp.float32).min)  # finite, so exp(m - m_new) never sees inf - inf
+
+
+def _triton():
+    from jax.experimental.pallas import triton as plt
+
+    return plt
+
+
+def _check_block(block: int) -> None:
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"block={block} must be a power of 2")
+
+
+def _logsumexp_kernel(x_ref, o_ref, *, block: int):
+    load = _triton().load
+    V = x_ref.shape[-1]
+
+    def body(i, carry):
+        m, s = carry
+        idx_K = i * block + jnp.arange(block)
+        mask_K = idx_K < V
+        x_K = jnp.where(mask_K, load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32), _LOW)
+        m_new = jnp.maximum(m, jnp.max(x_K))
+        e_K = jnp.where(mask_K, jnp.exp(x_K - m_new), 0.0)
+        return m_new, s * jnp.exp(m - m_new) + jnp.sum(e_K)
+
+    m, s = jax.lax.fori_loop(0, pl.cdiv(V, block), body, (jnp.float32(_LOW), jnp.float32(0.0)))
+    o_ref[...] = m + jnp.log(s)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
+def row_logsumexp(logits_BTV, *, block: int = 4096, num_warps: int = 8, interpret: bool = False):
+    """float32 [B, T] logsumexp over the last axis of float logits [B, T, V] (read in their own dtype)."""
+    _check_block(block)
+    B, T, V = logits_BTV.shape
+    call = pl.pallas_call(functools.partial(_logsumexp_kernel, block=min(block, pl.next_power_of_2(V))),
+                          out_shape=jax.ShapeDtypeStruct((), jnp.float32), grid=(),
+                          compiler_params=_triton().CompilerParams(num_warps=num_warps), interpret=interpret,
+                          name="row_logsumexp")
+    return jax.vmap(call)(logits_BTV.reshape(B * T, V)).reshape(B, T)
+
+
+def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
+    plt = _triton()
+    I = dh_ref.shape[-1]
+
+    def body(i, carry):
+        idx_K = i * block + jnp.arange(block)
+        mask_K = idx_K < I
+        g_K = plt.load(z_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+        u_K = plt.load(z_ref.at[idx_K + I], mask=mask_K, other=0).astype(jnp.float32)
+        dh_K = plt.load(dh_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+        s_K = 1.0 / (1.0 + jnp.exp(-g_K))
+        dg_K = dh_K * u_K * s_K * (1.0 + g_K * (1.0 - s_K))  # d silu(g) = s (1 + g (1 - s))
+        plt.store(o_ref.at[idx_K], dg_K.astype(o_ref.dtype), mask=mask_K)
+        plt.store(o_ref.at[idx_K + I], (dh_K * g_K * s_K).astype(o_ref.dtype), mask=mask_K)
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(I, block), body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
+def swiglu_backward(z_BTF, dh_BTI, *, block: int = 1024, num_warps: int = 4, interpret: bool = False):
+    """d [gate | up] [B, T, 2I] in z's dtype, from z = [gate | up] [B, T, 2I] and d (silu(gate) * up)
+    [B, T, I], computed in float32."""
+    _check_block(block)
+    B, T, F = z_BTF.shape
+    if F % 2 or dh_BTI.shape != (B, T, F // 2):
+        raise ValueError(f"swiglu_backward: z {z_BTF.shape} is not [B, T, 2I] for d out {dh_BTI.shape}")
+    call = pl.pallas_call(functools.partial(_swiglu_backward_kernel, block=min(block, pl.next_power_of_2(F // 2))),
+                          out_shape=jax.ShapeDtypeStruct((F,), z_BTF.dtype), grid=(),
+                          compiler_params=_triton().CompilerParams(num_warps=num_warps), interpret=interpret,
+                          name="swiglu_backward")
+    return jax.vmap(call)(z_BTF.reshape(B * T, F), dh_BTI.reshape(B * T, F // 2)).reshape(B, T, F)
