@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call, for a short lease on one NVIDIA GPU:
-# the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: XLA's Triton GEMMs off and other XLA flags, the loss in
-# chunks, the forward / backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
+# the fused-op tests, bench/train_step.py (against transformers, then JAX-only variants: the kernel forms of
+# bench/common.py FORMS, XLA's Triton GEMMs off and other XLA flags, the loss in chunks, the forward /
+# backward split, a profile of the busiest ops, packed rows), the Mosaic GPU kernel
 # tests, bench/attention.py (with its correctness checks), and bench/generate.py (sampling) and bench/forward.py
 # at phi-3-mini width.
 # Steps run in order of importance, each under its own time limit; a failing step is logged and the next
@@ -13,9 +14,12 @@
 # Each step's limit bounds it; name a subset when the lease is shorter than their sum. A device call is
 # capped at 600 s, so split the list over calls, most important first. On an H100 (jax 0.11.2) the steps
 # took: env 15 s, fused over 150 (about 15 s a cuDNN case), train 65, train_packed 35, train_notriton 41,
-# train_profile 12, one train_flags variant 20, train_breakdown 30, kernels over 112, attention 157; e.g.
-#   STEPS="env train train_notriton train_profile elementwise train_packed fused" bash bench/gpu_checks.sh "$OUT"
-#   STEPS="kernels attention train_flags train_breakdown generate" bash bench/gpu_checks.sh "$OUT"
+# train_profile 12, one train_flags or train_forms variant 20, train_breakdown 30, kernels over 112,
+# attention 157; e.g.
+#   STEPS="env train_forms elementwise fused" bash bench/gpu_checks.sh "$OUT"
+#   FORMS="--form ..." STEPS="train_notriton train_profile train_packed kernels" bash bench/gpu_checks.sh "$OUT"
+# FORMS (bench/train_step.py --form flags) applies to train_notriton and train_profile: the step with the
+# forms train_forms found fastest, against the peer.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -25,7 +29,8 @@ py=${PYTHON:-python3}
 # JAX takes GPU memory as it needs it, so the torch peers (child processes) fit beside it.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-steps=${STEPS:-"env fused train train_packed train_notriton train_profile train_flags elementwise train_breakdown train_chunks kernels attention generate forward"}
+forms=${FORMS:-}
+steps=${STEPS:-"env fused train_forms train train_packed train_notriton train_profile train_flags elementwise train_breakdown train_chunks kernels attention generate forward"}
 
 step() {
   local name=$1 limit=$2
@@ -47,14 +52,25 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
 # The GPU-only backward passes (layers.FUSED_BACKWARD), the fused loss and cuDNN attention (packed documents
 # included) against autodiff, on the device (H100: about 15 s a cuDNN case, most of it compiling).
 step fused 300 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_attention_cudnn.py
+# The step's kernel forms (bench/common.py FORMS: the Pallas Triton row kernels, XLA's other forms), JAX
+# alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines.
+step train_forms 300 bash -c 'for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
+    "--form swiglu_backward=halves" "--form logsumexp=kernel --form swiglu_backward=kernel" \
+    "--form logsumexp=two_reductions"; do
+  echo "forms: ${f:-default}"
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
+    grep -E "RESULT|Error"
+done' "$py"
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 # Packed rows: cuDNN's packed layout (four documents per row); compare with the train step above.
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
 # XLA's GEMMs through cuBLAS alone (Triton's off), with the peer again in the same run.
+# shellcheck disable=SC2086  # FORMS is a list of flags
 step train_notriton 300 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-  $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
+  $py bench/train_step.py --device gpu --unroll $forms --append bench/RESULTS.md
+# shellcheck disable=SC2086
 step train_profile 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-  $py bench/train_step.py --device gpu --only jax --unroll --profile /tmp/phi3_train_trace
+  $py bench/train_step.py --device gpu --only jax --unroll $forms --profile /tmp/phi3_train_trace
 # More of XLA's GPU GEMM and scheduling choices, one process each (XLA reads its flags once): the RESULT lines.
 # (--xla_gpu_exhaustive_tiling_search=true is left out: on the H100 its compile ran past 80 s unfinished.)
 step train_flags 300 bash -c 'for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \

@@ -15,6 +15,11 @@ from phi3_jax.ops import cross_entropy
 from phi3_jax.ops.cross_entropy import head_loss
 
 
+EIGHT_DEVICES = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the CPU run simulates them)")
+# The Pallas kernels: Triton on a GPU, Pallas' interpreter elsewhere.
+INTERPRET = jax.default_backend() != "gpu"
+
+
 def _reference(x_BTD, w_DV, targets_BT, mask_BT, divisor=1.0, dummy_ids=()):
     logits = jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)).astype(jnp.float32) / divisor
     if dummy_ids:
@@ -69,18 +74,19 @@ def test_head_loss_is_stable_for_logits_in_the_thousands(chunks, logsumexp_form)
 
 @pytest.mark.parametrize("block", [64, 256])
 def test_row_logsumexp_kernel_matches_jax(block):
-    """The Pallas kernel (in its interpreter here) over rows wider than a block and not a multiple of it,
-    with one huge logit, against jax.nn.logsumexp of the same values in float32."""
+    """The Pallas kernel over rows wider than a block and not a multiple of it, with one huge logit, against
+    jax.nn.logsumexp of the same values in float32."""
     from phi3_jax.ops.rowwise import row_logsumexp
 
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 300)) * 4, jnp.bfloat16).at[1, 2, 299].set(3000.0)
-    got = row_logsumexp(x, block=block, interpret=True)
+    got = row_logsumexp(x, block=block, interpret=INTERPRET)
     assert got.shape == (2, 3) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, jax.nn.logsumexp(x.astype(jnp.float32), axis=-1), rtol=1e-6)
     with pytest.raises(ValueError, match="power of 2"):
-        row_logsumexp(x, block=100, interpret=True)
+        row_logsumexp(x, block=100, interpret=INTERPRET)
 
 
+@EIGHT_DEVICES
 @pytest.mark.parametrize("mesh_shape", [{"data": 4, "fsdp": 1, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_kernel_logsumexp_loss_under_a_mesh(mesh_shape, monkeypatch):
     """On 8 devices the kernel runs per batch shard (shard_map), and where the vocabulary is split over
@@ -217,23 +223,25 @@ def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol, for
 
 @pytest.mark.parametrize("block", [16, 64])
 def test_swiglu_backward_kernel_matches_the_xla_halves(block):
-    """The Pallas kernel (in its interpreter here), with a width that is not a multiple of its block,
-    against the same formula in XLA, bit for bit in bf16; a wrong block or shape is refused."""
+    """The Pallas kernel, with a width that is not a multiple of its block, against the same formula in
+    XLA (within one bf16 rounding: the two may round float32 exp differently); a wrong block or shape is
+    refused."""
     from phi3_jax.ops.rowwise import swiglu_backward
 
     r = np.random.default_rng(5)
     z = jnp.asarray(r.normal(size=(2, 3, 2 * 40)) * 3, jnp.bfloat16)
     dh = jnp.asarray(r.normal(size=(2, 3, 40)), jnp.bfloat16)
-    got = swiglu_backward(z, dh, block=block, interpret=True)
+    got = swiglu_backward(z, dh, block=block, interpret=INTERPRET)
     want = jnp.concatenate(layers.swiglu_backward_halves(z, dh), axis=-1)
     assert got.dtype == jnp.bfloat16 and got.shape == z.shape
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -8, atol=1e-6)
     with pytest.raises(ValueError, match="power of 2"):
-        swiglu_backward(z, dh, block=48, interpret=True)
+        swiglu_backward(z, dh, block=48, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"not \[B, T, 2I\]"):
-        swiglu_backward(z, dh[..., :20], interpret=True)
+        swiglu_backward(z, dh[..., :20], interpret=INTERPRET)
 
 
+@EIGHT_DEVICES
 def test_swiglu_backward_kernel_under_a_mesh(monkeypatch):
     """On 8 devices the kernel runs per batch shard, and where the MLP width is split over devices the
     one-pass XLA form runs instead: gradients equal to autodiff's either way."""
