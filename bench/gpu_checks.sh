@@ -16,10 +16,10 @@
 # took: env 15 s, fused over 150 (about 15 s a cuDNN case), train 65, train_packed 35, train_notriton 41,
 # train_profile 12, one train_flags or train_forms variant 20, train_breakdown 30, kernels over 112,
 # attention 157; e.g.
-#   STEPS="env train_forms elementwise fused" bash bench/gpu_checks.sh "$OUT"
-#   FORMS="--form ..." STEPS="train_notriton train_profile train_packed kernels" bash bench/gpu_checks.sh "$OUT"
-# FORMS (bench/train_step.py --form flags) applies to train_notriton and train_profile: the step with the
-# forms train_forms found fastest, against the peer.
+#   STEPS="env train_forms train_notriton train_profile elementwise fused" bash bench/gpu_checks.sh "$OUT"
+#   FORMS="--form ..." STEPS="train_packed kernels attention generate" bash bench/gpu_checks.sh "$OUT"
+# FORMS (bench/train_step.py --form flags) applies to train_notriton and train_profile; without it they
+# take the forms train_forms found fastest in the same call.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/phi3_gpu}}
@@ -53,14 +53,22 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
 # included) against autodiff, on the device (H100: about 15 s a cuDNN case, most of it compiling).
 step fused 300 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_attention_cudnn.py
 # The step's kernel forms (bench/common.py FORMS: the Pallas Triton row kernels, XLA's other forms), JAX
-# alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines.
-step train_forms 300 bash -c 'for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
+# alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines, and
+# "median step, flags" lines in OUTDIR/forms.tsv. Without FORMS, the later steps take the fastest.
+step train_forms 300 bash -c ': >"$1/forms.tsv"; for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
     "--form swiglu_backward=halves" "--form logsumexp=kernel --form swiglu_backward=kernel" \
     "--form logsumexp=two_reductions"; do
   echo "forms: ${f:-default}"
-  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
-    grep -E "RESULT|Error"
-done' "$py"
+  r=$(XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
+      grep -E "RESULT|Error")
+  echo "$r"
+  m=$(echo "$r" | sed -n "s/.*\"median_s\": \([0-9.]*\).*/\1/p")
+  [ -n "$m" ] && printf "%s\t%s\n" "$m" "$f" >>"$1/forms.tsv"
+done' "$py" "$out"
+if [ -z "$forms" ] && [ -s "$out/forms.tsv" ]; then
+  forms=$(sort -n "$out/forms.tsv" | head -n 1 | cut -f 2)
+  echo "=== fastest forms: ${forms:-the defaults}" | tee -a "$log"
+fi
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 # Packed rows: cuDNN's packed layout (four documents per row); compare with the train step above.
 step train_packed 180 $py bench/train_step.py --device gpu --only jax --unroll --packed
