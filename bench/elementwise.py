@@ -45,8 +45,13 @@ def logsumexp_forms(interpret: bool):
     def form(name):
         return lambda l_BTV: cross_entropy._logsumexp(l_BTV.astype(jnp.float32), name)
 
+    def kernel(block, num_warps):
+        return lambda l_BTV: row_logsumexp(l_BTV, block=block, num_warps=num_warps, interpret=interpret)
+
     return {"one read (phi3_jax off a CPU)": form("one_read"), "two reductions (phi3_jax on a CPU)": form("two_reductions"),
-            "Pallas Triton kernel": lambda l_BTV: row_logsumexp(l_BTV, interpret=interpret)}
+            "Pallas Triton kernel (block 4096, 8 warps: its default)": kernel(4096, 8),
+            "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4),
+            "Pallas Triton kernel (block 8192, 8 warps)": kernel(8192, 8)}
 
 
 def swiglu_backward_forms(interpret: bool):
@@ -62,6 +67,9 @@ def swiglu_backward_forms(interpret: bool):
     def one_pass(z_BTF, dh_BTI):
         return layers._swiglu_bwd(z_BTF, dh_BTI)[0]
 
+    def kernel(block, num_warps):
+        return lambda z, dh: swiglu_backward(z, dh, block=block, num_warps=num_warps, interpret=interpret)
+
     def concatenated(z_BTF, dh_BTI):  # XLA:GPU's concatenate emitter: one loop per half
         return jnp.concatenate(layers.swiglu_backward_halves(z_BTF, dh_BTI), axis=-1)
 
@@ -69,7 +77,9 @@ def swiglu_backward_forms(interpret: bool):
             "autodiff of split": autodiff,
             "halves, concatenated": concatenated,
             "halves, not concatenated": layers.swiglu_backward_halves,
-            "Pallas Triton kernel": lambda z, dh: swiglu_backward(z, dh, interpret=interpret)}
+            "Pallas Triton kernel (block 1024, 4 warps: its default)": kernel(1024, 4),
+            "Pallas Triton kernel (block 2048, 8 warps)": kernel(2048, 8),
+            "Pallas Triton kernel (block 512, 4 warps)": kernel(512, 4)}
 
 
 def run(shape: dict, iters: int) -> list[dict]:
