@@ -294,12 +294,15 @@ def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol):
                                    atol=tol * float(jnp.max(jnp.abs(h.astype(jnp.float32)))))
 
 
-def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch):
-    """The GPU path (layers.FUSED_BACKWARD) through the whole model: loss and every gradient as autodiff's."""
+@pytest.mark.parametrize("forms", [{}, {"SWIGLU_BACKWARD": "kernel", "LOGSUMEXP": "kernel"}],
+                         ids=["default_forms", "kernel_forms"])
+def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch, forms):
+    """The GPU path (layers.FUSED_BACKWARD) through the whole model, in the default forms and with the
+    Pallas row kernels: loss and every gradient as autodiff's."""
     from flax import nnx
 
-    from phi3_jax.model import layers
-
+    for name, value in forms.items():
+        monkeypatch.setattr(layers if name == "SWIGLU_BACKWARD" else cross_entropy, name, value)
     cfg = get_preset("phi-3-tiny", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=16, intermediate_size=128, attention_impl="xla")
     graphdef, params = ts.split_model(init_model(cfg, 0))
