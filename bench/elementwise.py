@@ -5,6 +5,9 @@ account in bench/RESULTS.md ("where the step goes").
   two plain reductions (the max, then the sum of exp), and the Pallas Triton kernel
   (`phi3_jax.ops.rowwise`); phi3_jax.ops.cross_entropy takes the first off a CPU, the second on one
   (`cross_entropy.LOGSUMEXP` picks another).
+- the loss's row pass, the logsumexp and the logits gradient (softmax - onehot) * scale: XLA's (either
+  logsumexp, then a gradient pass) against the Pallas Triton kernel that makes both from one program per
+  row (`row_xent_grad`, what `cross_entropy.LOGSUMEXP = "kernel"` runs in the train step).
 - SwiGLU backward, d [gate | up] from [gate | up] and d out: one pass over the whole width (phi3_jax's
   `layers.swiglu`), autodiff of split + silu * up (XLA's own assembly), the two halves computed apart and
   concatenated (one kernel on a GPU, XLA's concatenate emitter: a loop per half), and the halves as
@@ -54,6 +57,31 @@ def logsumexp_forms(interpret: bool):
             "Pallas Triton kernel (block 8192, 8 warps)": kernel(8192, 8)}
 
 
+def loss_rows_forms(interpret: bool):
+    import jax
+    import jax.numpy as jnp
+
+    from phi3_jax.ops import cross_entropy
+    from phi3_jax.ops.rowwise import row_xent_grad
+
+    def xla(form):
+        def rows(l_BTV, t_BT, c_BT):  # cross_entropy's XLA path: the logsumexp, then the gradient pass
+            logits_BTV = l_BTV.astype(jnp.float32)
+            lse_BT = cross_entropy._logsumexp(logits_BTV, form)
+            d_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - jax.nn.one_hot(t_BT, l_BTV.shape[-1])) * c_BT[..., None]
+            return lse_BT, d_BTV.astype(l_BTV.dtype)
+
+        return rows
+
+    def kernel(block, num_warps):
+        return lambda l, t, c: row_xent_grad(l, t, c, block=block, num_warps=num_warps, interpret=interpret)
+
+    return {"XLA, one-read logsumexp (phi3_jax off a CPU)": xla("one_read"),
+            "XLA, two-reduction logsumexp": xla("two_reductions"),
+            "Pallas Triton kernel (block 4096, 8 warps: its default)": kernel(4096, 8),
+            "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4)}
+
+
 def swiglu_backward_forms(interpret: bool):
     import jax
     import jax.numpy as jnp
@@ -88,23 +116,34 @@ def run(shape: dict, iters: int) -> list[dict]:
     import numpy as np
 
     B, T, V, I = shape["batch"], shape["seq"], shape["vocab"], shape["ffn"]
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     logits = (3 * jax.random.normal(k1, (B, T, V), jnp.float32)).astype(jnp.bfloat16)
+    targets = jax.random.randint(k4, (B, T), 0, V)
+    scale = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
     interpret = jax.default_backend() != "gpu"  # the Pallas kernels: Triton on a GPU, else the interpreter
     groups = [("logsumexp", logsumexp_forms(interpret), (logits,), logits.nbytes + B * T * 4),
+              ("loss rows (logsumexp + logits gradient)", loss_rows_forms(interpret), (logits, targets, scale),
+               2 * logits.nbytes + B * T * 16),
               ("SwiGLU backward", swiglu_backward_forms(interpret), (z, dh), 2 * z.nbytes + dh.nbytes)]
     rows = []
+    def relative(a, b):
+        return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+
     for op, forms, args, min_bytes in groups:
         first = None
         for name, fn in forms.items():
             fn = jax.jit(fn)
-            out = np.concatenate([np.asarray(o, np.float32) for o in jax.tree.leaves(fn(*args))], axis=-1)
-            first = out if first is None else first
-            diff = float(np.max(np.abs(out - first)) / max(float(np.max(np.abs(first))), 1e-30))
+            outs = [np.asarray(o, np.float32) for o in jax.tree.leaves(fn(*args))]
+            first = outs if first is None else first
+            # Output by output where the forms return the same ones (the loss rows' logsumexp and gradient
+            # differ in scale), else their concatenation (the SwiGLU halves against the whole width).
+            pairs = (zip(outs, first) if len(outs) == len(first) else
+                     [(np.concatenate(outs, axis=-1), np.concatenate(first, axis=-1))])
+            diff = max(relative(a, b) for a, b in pairs)
             # bf16 outputs: one rounding apart; float32 logsumexp: summation order
-            if not np.all(np.isfinite(out)) or diff > 1e-2:
+            if not all(np.all(np.isfinite(o)) for o in outs) or diff > 1e-2:
                 raise SystemExit(f"{op}: {name} differs from {next(iter(forms))} (max relative {diff:.2e})")
             ms = time_ms(fn, *args, iters=iters)
             rows.append(dict(op=op, form=name, ms=ms, gbps=min_bytes / ms / 1e6, diff=diff))

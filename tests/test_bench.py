@@ -61,8 +61,8 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     r = _run("bench/elementwise.py", "--iters", "1", "--append", str(results))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
-            line.startswith("| SwiGLU")]
-    assert len(rows) == 12 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+            line.startswith("| SwiGLU") or line.startswith("| loss rows")]
+    assert len(rows) == 16 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):

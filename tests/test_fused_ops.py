@@ -86,6 +86,26 @@ def test_row_logsumexp_kernel_matches_jax(block):
         row_logsumexp(x, block=100, interpret=INTERPRET)
 
 
+@pytest.mark.parametrize("block", [64, 512])
+def test_row_xent_grad_kernel_matches_the_xla_formula(block):
+    """The loss rows' kernel (logsumexp and the logits gradient from one program) against the formula the
+    XLA form computes, targets at both ends of the row included."""
+    from phi3_jax.ops.rowwise import row_xent_grad
+
+    r = np.random.default_rng(7)
+    x = jnp.asarray(r.normal(size=(2, 3, 300)) * 4, jnp.bfloat16)
+    t = jnp.asarray(r.integers(0, 300, (2, 3)), jnp.int32).at[0, 0].set(0).at[1, 2].set(299)
+    c = jnp.asarray(r.random((2, 3)) > 0.3, jnp.float32) / 5.0
+    lse, d = row_xent_grad(x, t, c, block=block, interpret=INTERPRET)
+    x32 = x.astype(jnp.float32)
+    want_lse = jax.nn.logsumexp(x32, axis=-1)
+    want_d = (jnp.exp(x32 - want_lse[..., None]) - jax.nn.one_hot(t, 300)) * c[..., None]
+    assert lse.dtype == jnp.float32 and d.dtype == jnp.bfloat16 and d.shape == x.shape
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(d, np.float32), np.asarray(want_d.astype(jnp.bfloat16), np.float32),
+                               rtol=2 ** -8, atol=1e-6)
+
+
 @EIGHT_DEVICES
 @pytest.mark.parametrize("mesh_shape", [{"data": 4, "fsdp": 1, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
 def test_kernel_logsumexp_loss_under_a_mesh(mesh_shape, monkeypatch):

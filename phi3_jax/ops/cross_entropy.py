@@ -58,9 +58,11 @@ def _float_logits(raw_BTV, V: int, divisor: float, dummy_ids: tuple[int, ...]):
 # How the loss takes the logsumexp of its logits rows (bench/elementwise.py times the three):
 # - "one_read": a running (max, sum of exp(x - max)) pair in one XLA reduce;
 # - "two_reductions": jax.nn.logsumexp, which reads the logits twice (the max, then the sum);
-# - "kernel": `ops.rowwise.row_logsumexp`, a Pallas Triton kernel reading the matmul's own bf16 output
-#   once (GPUs; elsewhere it runs in Pallas' interpreter). Taken where the logits are exactly that output
-#   (no divisor, no padding columns) and their vocabulary is not split over devices; "one_read" otherwise.
+# - "kernel": Pallas Triton kernels on the matmul's own bf16 output (GPUs; elsewhere Pallas' interpreter):
+#   `ops.rowwise.row_xent_grad` where the logits gradient is made (the logsumexp and the gradient from one
+#   program per row), `row_logsumexp` where only the loss is (the forward of `chunks` > 1). Taken where the
+#   logits are exactly that output (no divisor, no padding columns) and their vocabulary is not split over
+#   devices; "one_read" otherwise.
 # None: "two_reductions" on a CPU (XLA:CPU runs the variadic reduce 2-7x slower than the two plain ones),
 # "one_read" elsewhere.
 LOGSUMEXP: str | None = None
@@ -91,16 +93,22 @@ def _logsumexp(logits_BTV, form: str):
     return m_BT + jnp.log(s_BT)
 
 
+def _kernel_rows(plain: bool) -> bool:
+    """Whether the loss's row pass runs in the Pallas kernels: the "kernel" form, logits that are the
+    matmul's output as it is (`plain`), and a vocabulary not split over devices."""
+    return logsumexp_form() == "kernel" and plain and not shd.context_axes("activation_vocab")
+
+
 def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
     """logsumexp of `logits_BTV` (float32, made from the matmul output `raw_BTV`; `plain`: nothing but its
     cast) in the configured form."""
-    form = logsumexp_form()
-    if form == "kernel" and plain and not shd.context_axes("activation_vocab"):
+    if _kernel_rows(plain):
         from phi3_jax.ops.rowwise import row_logsumexp
 
         interpret = jax.default_backend() != "gpu"
         # [B, T, 1]: batch_parallel shards the output like its input
         return shd.batch_parallel(lambda r: row_logsumexp(r, interpret=interpret)[..., None], raw_BTV)[..., 0]
+    form = logsumexp_form()
     return _logsumexp(logits_BTV, "one_read" if form == "kernel" else form)
 
 
@@ -115,7 +123,20 @@ def _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids):
 
 def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     """(masked loss sum, d loss_sum / d (x @ w) in x's dtype) for one chunk."""
-    logits_BTV, loss, lse_BT = _loss_and_lse(_matmul_logits(x_BTD, w_DV), targets_BT, mask_BT, divisor, dummy_ids)
+    raw_BTV = _matmul_logits(x_BTD, w_DV)
+    if _kernel_rows(divisor == 1.0 and not dummy_ids):
+        from phi3_jax.ops.rowwise import row_xent_grad
+
+        interpret = jax.default_backend() != "gpu"
+
+        def rows(r_BTV, t_BT, m_BT):
+            lse_BT, d_BTV = row_xent_grad(r_BTV, t_BT, m_BT, interpret=interpret)
+            return lse_BT[..., None], d_BTV  # both [B, T, .]: batch_parallel shards outputs like its input
+
+        lse_BT1, dlogits_BTV = shd.batch_parallel(rows, raw_BTV, targets_BT, mask_BT)
+        target_BT = jnp.take_along_axis(raw_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
+        return jnp.sum((lse_BT1[..., 0] - target_BT) * mask_BT), shd.constrain(dlogits_BTV, shd.ACT_BTV)
+    logits_BTV, loss, lse_BT = _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids)
     onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
     scale_BT = mask_BT / divisor
     dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]

@@ -4,12 +4,15 @@
   walked in `block`-wide slices with a running max and sum of exp(x - max) (one exp per logit). XLA's
   forms of the same reduction either read the logits twice (max, then sum of exp) or run its variadic
   (max, sum) reduce well below the memory bandwidth (bench/RESULTS.md, the H100 account of the step).
+- `row_xent_grad(logits_BTV, targets_BT, scale_BT)` = (that logsumexp, (softmax - onehot(target)) * scale
+  in the logits' dtype): the cross-entropy's logits gradient from the same program, which walks its row a
+  second time (from L2 when it is still there) instead of a separate pass over the logits.
 - `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
 
 One program per row (a `vmap` of the kernel); `interpret` runs them in Pallas' interpreter on any backend
-(the tests). Neither has a gradient: they are the insides of hand-written backward passes.
+(the tests). None has a gradient: they are the insides of hand-written backward passes.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block={block} must be a power of 2")
 
 
-def _logsumexp_kernel(x_ref, o_ref, *, block: int):
+def _row_lse(x_ref, block: int):
+    """The float32 logsumexp of the row in x_ref, for one program."""
     load = _triton().load
     V = x_ref.shape[-1]
 
@@ -47,7 +51,15 @@ def _logsumexp_kernel(x_ref, o_ref, *, block: int):
         return m_new, s * jnp.exp(m - m_new) + jnp.sum(e_K)
 
     m, s = jax.lax.fori_loop(0, pl.cdiv(V, block), body, (jnp.float32(_LOW), jnp.float32(0.0)))
-    o_ref[...] = m + jnp.log(s)
+    return m + jnp.log(s)
+
+
+def _logsumexp_kernel(x_ref, o_ref, *, block: int):
+    o_ref[...] = _row_lse(x_ref, block)
+
+
+def _params(num_warps: int):
+    return _triton().CompilerParams(num_warps=num_warps)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
@@ -57,9 +69,42 @@ def row_logsumexp(logits_BTV, *, block: int = 4096, num_warps: int = 8, interpre
     B, T, V = logits_BTV.shape
     call = pl.pallas_call(functools.partial(_logsumexp_kernel, block=min(block, pl.next_power_of_2(V))),
                           out_shape=jax.ShapeDtypeStruct((), jnp.float32), grid=(),
-                          compiler_params=_triton().CompilerParams(num_warps=num_warps), interpret=interpret,
-                          name="row_logsumexp")
+                          compiler_params=_params(num_warps), interpret=interpret, name="row_logsumexp")
     return jax.vmap(call)(logits_BTV.reshape(B * T, V)).reshape(B, T)
+
+
+def _xent_grad_kernel(x_ref, t_ref, c_ref, lse_ref, d_ref, *, block: int):
+    plt = _triton()
+    V = x_ref.shape[-1]
+    lse = _row_lse(x_ref, block)
+    lse_ref[...] = lse
+    target, scale = t_ref[...], c_ref[...]
+
+    def body(i, carry):
+        idx_K = i * block + jnp.arange(block)
+        mask_K = idx_K < V
+        p_K = jnp.exp(plt.load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32) - lse)
+        d_K = (p_K - jnp.where(idx_K == target, 1.0, 0.0)) * scale
+        plt.store(d_ref.at[idx_K], d_K.astype(d_ref.dtype), mask=mask_K)
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(V, block), body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
+def row_xent_grad(logits_BTV, targets_BT, scale_BT, *, block: int = 4096, num_warps: int = 8,
+                  interpret: bool = False):
+    """(float32 [B, T] logsumexp of the logits rows, [B, T, V] (softmax - onehot(targets)) * scale in the
+    logits' dtype, computed in float32) for float logits [B, T, V], int targets and float32 scales [B, T]."""
+    _check_block(block)
+    B, T, V = logits_BTV.shape
+    call = pl.pallas_call(functools.partial(_xent_grad_kernel, block=min(block, pl.next_power_of_2(V))),
+                          out_shape=(jax.ShapeDtypeStruct((), jnp.float32),
+                                     jax.ShapeDtypeStruct((V,), logits_BTV.dtype)),
+                          grid=(), compiler_params=_params(num_warps), interpret=interpret, name="row_xent_grad")
+    lse_R, d_RV = jax.vmap(call)(logits_BTV.reshape(B * T, V), targets_BT.reshape(B * T).astype(jnp.int32),
+                                 scale_BT.reshape(B * T).astype(jnp.float32))
+    return lse_R.reshape(B, T), d_RV.reshape(B, T, V)
 
 
 def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
@@ -91,6 +136,5 @@ def swiglu_backward(z_BTF, dh_BTI, *, block: int = 1024, num_warps: int = 4, int
         raise ValueError(f"swiglu_backward: z {z_BTF.shape} is not [B, T, 2I] for d out {dh_BTI.shape}")
     call = pl.pallas_call(functools.partial(_swiglu_backward_kernel, block=min(block, pl.next_power_of_2(F // 2))),
                           out_shape=jax.ShapeDtypeStruct((F,), z_BTF.dtype), grid=(),
-                          compiler_params=_triton().CompilerParams(num_warps=num_warps), interpret=interpret,
-                          name="swiglu_backward")
+                          compiler_params=_params(num_warps), interpret=interpret, name="swiglu_backward")
     return jax.vmap(call)(z_BTF.reshape(B * T, F), dh_BTI.reshape(B * T, F // 2)).reshape(B, T, F)
