@@ -137,7 +137,8 @@ def peer_main(script_path: str, argv: list[str] | None, args, bench_jax: Callabl
 # The step's kernel forms a benchmark can pick (`--form NAME=VALUE`): the module constant each one sets and
 # the tuple of its values there.
 FORMS = {"logsumexp": ("phi3_jax.ops.cross_entropy", "LOGSUMEXP", "LOGSUMEXP_FORMS"),
-         "swiglu_backward": ("phi3_jax.model.layers", "SWIGLU_BACKWARD", "SWIGLU_BACKWARD_FORMS")}
+         "swiglu_backward": ("phi3_jax.model.layers", "SWIGLU_BACKWARD", "SWIGLU_BACKWARD_FORMS"),
+         "rms_norm_forward": ("phi3_jax.model.layers", "RMS_NORM_FORWARD", "RMS_NORM_FORWARD_FORMS")}
 
 
 def apply_forms(pairs: list[str] | None) -> dict[str, str]:

@@ -13,10 +13,13 @@ account in bench/RESULTS.md ("where the step goes").
   concatenated (one kernel on a GPU, XLA's concatenate emitter: a loop per half), and the halves as
   separate outputs (what a gate_up projection taking its gradient in halves would need), and the Pallas
   Triton kernel (`layers.SWIGLU_BACKWARD` picks the model's form).
+- RMSNorm forward over [B, T, hidden]: XLA's (a sum-of-squares pass, then the scaling) against the Pallas
+  Triton kernel that loads each row once (`layers.RMS_NORM_FORWARD`).
 
 Off a GPU the Pallas kernels run in their interpreter: slow, and timed only to check them.
 
-    python bench/elementwise.py --device gpu          # phi-3-mini's shapes: batch 4 x 4096, vocab 32064, ffn 8192
+    python bench/elementwise.py --device gpu          # phi-3-mini's shapes: batch 4 x 4096, vocab 32064, ffn 8192,
+                                                      # hidden 3072
     python bench/elementwise.py --append bench/RESULTS.md
 
 Each form is checked against the first of its group before it is timed. GB/s counts the bytes the op
@@ -35,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_entry, command_line, cpu_name, time_ms  # noqa: E402
 
-GPU_SHAPE = dict(batch=4, seq=4096, vocab=32064, ffn=8192)
-CPU_SHAPE = dict(batch=2, seq=128, vocab=2048, ffn=688)
+GPU_SHAPE = dict(batch=4, seq=4096, vocab=32064, ffn=8192, hidden=3072)
+CPU_SHAPE = dict(batch=2, seq=128, vocab=2048, ffn=688, hidden=256)
 
 
 def logsumexp_forms(interpret: bool):
@@ -82,6 +85,17 @@ def loss_rows_forms(interpret: bool):
             "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4)}
 
 
+def rms_norm_forms(interpret: bool):
+    from phi3_jax.model import layers
+    from phi3_jax.ops import rowwise
+
+    return {"XLA (phi3_jax's default)": lambda x, s: layers.plain_rms_norm(x, s, 1e-5),
+            "Pallas Triton kernel (8 warps: its default)": lambda x, s: rowwise.rms_norm(x, s, 1e-5,
+                                                                                           interpret=interpret)[0],
+            "Pallas Triton kernel (4 warps)": lambda x, s: rowwise.rms_norm(x, s, 1e-5, num_warps=4,
+                                                                            interpret=interpret)[0]}
+
+
 def swiglu_backward_forms(interpret: bool):
     import jax
     import jax.numpy as jnp
@@ -115,18 +129,21 @@ def run(shape: dict, iters: int) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    B, T, V, I = shape["batch"], shape["seq"], shape["vocab"], shape["ffn"]
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    B, T, V, I, D = shape["batch"], shape["seq"], shape["vocab"], shape["ffn"], shape["hidden"]
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
     logits = (3 * jax.random.normal(k1, (B, T, V), jnp.float32)).astype(jnp.bfloat16)
     targets = jax.random.randint(k4, (B, T), 0, V)
     scale = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
+    x = jax.random.normal(k5, (B, T, D), jnp.float32).astype(jnp.bfloat16)
+    norm_scale = jnp.linspace(0.5, 1.5, D, dtype=jnp.float32).astype(jnp.bfloat16)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
     interpret = jax.default_backend() != "gpu"  # the Pallas kernels: Triton on a GPU, else the interpreter
     groups = [("logsumexp", logsumexp_forms(interpret), (logits,), logits.nbytes + B * T * 4),
               ("loss rows (logsumexp + logits gradient)", loss_rows_forms(interpret), (logits, targets, scale),
                2 * logits.nbytes + B * T * 16),
-              ("SwiGLU backward", swiglu_backward_forms(interpret), (z, dh), 2 * z.nbytes + dh.nbytes)]
+              ("SwiGLU backward", swiglu_backward_forms(interpret), (z, dh), 2 * z.nbytes + dh.nbytes),
+              ("RMSNorm forward", rms_norm_forms(interpret), (x, norm_scale), 2 * x.nbytes)]
     rows = []
     def relative(a, b):
         return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
@@ -176,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         append_entry(args.append, "\n".join([
             f"## elementwise kernels, {args.device}, {datetime.date.today().isoformat()}", "",
             f"- card: {card}",
-            f"- shapes: batch {shape['batch']} x {shape['seq']}, vocab {shape['vocab']}, ffn {shape['ffn']}, bf16",
+            f"- shapes: batch {shape['batch']} x {shape['seq']}, vocab {shape['vocab']}, ffn {shape['ffn']}, "
+            f"hidden {shape['hidden']}, bf16",
             f"- versions: jax {jax.__version__}",
             f"- command: `{command_line('bench/elementwise.py', argv)}`", "", text, ""]))
     return 0

@@ -56,8 +56,8 @@ step fused 300 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py test
 # alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines, and
 # "median step, flags" lines in OUTDIR/forms.tsv. Without FORMS, the later steps take the fastest.
 step train_forms 300 bash -c ': >"$1/forms.tsv"; for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
-    "--form swiglu_backward=halves" "--form logsumexp=kernel --form swiglu_backward=kernel" \
-    "--form logsumexp=two_reductions"; do
+    "--form rms_norm_forward=kernel" "--form swiglu_backward=halves" "--form logsumexp=two_reductions" \
+    "--form logsumexp=kernel --form swiglu_backward=kernel --form rms_norm_forward=kernel"; do
   echo "forms: ${f:-default}"
   r=$(XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
       grep -E "RESULT|Error")

@@ -61,8 +61,8 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     r = _run("bench/elementwise.py", "--iters", "1", "--append", str(results))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
-            line.startswith("| SwiGLU") or line.startswith("| loss rows")]
-    assert len(rows) == 16 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+            line.startswith("| SwiGLU") or line.startswith("| loss rows") or line.startswith("| RMSNorm")]
+    assert len(rows) == 19 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
@@ -73,7 +73,7 @@ def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
     monkeypatch.setattr(elementwise, "logsumexp_forms", lambda interpret: {**forms, "off by one": lambda l: forms[
         "two reductions (phi3_jax on a CPU)"](l) + 1})
     with pytest.raises(SystemExit, match="off by one differs"):
-        elementwise.run(dict(batch=1, seq=8, vocab=64, ffn=16), iters=1)
+        elementwise.run(dict(batch=1, seq=8, vocab=64, ffn=16, hidden=32), iters=1)
 
 
 @pytest.mark.slow

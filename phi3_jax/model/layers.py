@@ -152,7 +152,23 @@ def rms_norm(x_BTD, scale_D, eps: float):
     return _rms_norm_fwd(x_BTD, scale_D, eps)[0]
 
 
+# How rms_norm's forward pass runs where its backward is hand-written (FUSED_BACKWARD): "xla" (two kernels:
+# the row sums of squares, then the scaling) or "kernel" (`ops.rowwise.rms_norm`, a Pallas Triton kernel
+# that loads each row once; GPUs, elsewhere Pallas' interpreter; "xla" where the hidden axis is split over
+# devices). bench/train_step.py --form rms_norm_forward=... times them.
+RMS_NORM_FORWARD = "xla"
+RMS_NORM_FORWARD_FORMS = ("xla", "kernel")
+
+
 def _rms_norm_fwd(x_BTD, scale_D, eps):
+    if RMS_NORM_FORWARD not in RMS_NORM_FORWARD_FORMS:
+        raise ValueError(f"layers.RMS_NORM_FORWARD={RMS_NORM_FORWARD!r}: must be one of {RMS_NORM_FORWARD_FORMS}")
+    if RMS_NORM_FORWARD == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed"):
+        from phi3_jax.ops import rowwise
+
+        interpret = jax.default_backend() != "gpu"
+        y_BTD, r_BT1 = shd.batch_parallel(lambda x: rowwise.rms_norm(x, scale_D, eps, interpret=interpret), x_BTD)
+        return y_BTD, (x_BTD, scale_D, r_BT1)
     x32 = x_BTD.astype(jnp.float32)
     r_BT1 = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     y_BTD = (x32 * r_BT1).astype(x_BTD.dtype) * scale_D.astype(x_BTD.dtype)  # = plain_rms_norm

@@ -7,6 +7,8 @@
 - `row_xent_grad(logits_BTV, targets_BT, scale_BT)` = (that logsumexp, (softmax - onehot(target)) * scale
   in the logits' dtype): the cross-entropy's logits gradient from the same program, which walks its row a
   second time (from L2 when it is still there) instead of a separate pass over the logits.
+- `rms_norm(x_BTD, scale_D, eps)` = (HF Phi3RMSNorm of x, the float32 inverse norm [B, T, 1]): the row
+  loaded once, where XLA reads it twice (the sum of squares, then the scaling).
 - `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
@@ -105,6 +107,30 @@ def row_xent_grad(logits_BTV, targets_BT, scale_BT, *, block: int = 4096, num_wa
     lse_R, d_RV = jax.vmap(call)(logits_BTV.reshape(B * T, V), targets_BT.reshape(B * T).astype(jnp.int32),
                                  scale_BT.reshape(B * T).astype(jnp.float32))
     return lse_R.reshape(B, T), d_RV.reshape(B, T, V)
+
+
+def _rms_norm_kernel(x_ref, s_ref, y_ref, r_ref, *, block: int, eps: float):
+    plt = _triton()
+    D = x_ref.shape[-1]
+    idx_K = jnp.arange(block)
+    mask_K = idx_K < D
+    x_K = plt.load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.sum(x_K * x_K) / D + eps)
+    s_K = plt.load(s_ref.at[idx_K], mask=mask_K, other=0).astype(y_ref.dtype)
+    plt.store(y_ref.at[idx_K], (x_K * r).astype(y_ref.dtype) * s_K, mask=mask_K)
+    r_ref[...] = r
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def rms_norm(x_BTD, scale_D, eps: float, *, num_warps: int = 8, interpret: bool = False):
+    """(y [B, T, D] in x's dtype, the float32 inverse norm [B, T, 1]): x normalised in float32, rounded to
+    x's dtype, times the scale in x's dtype (HF Phi3RMSNorm). One program per row, the row in one block."""
+    B, T, D = x_BTD.shape
+    call = pl.pallas_call(functools.partial(_rms_norm_kernel, block=pl.next_power_of_2(D), eps=float(eps)),
+                          out_shape=(jax.ShapeDtypeStruct((D,), x_BTD.dtype), jax.ShapeDtypeStruct((), jnp.float32)),
+                          grid=(), compiler_params=_params(num_warps), interpret=interpret, name="rms_norm")
+    y_RD, r_R = jax.vmap(call, in_axes=(0, None))(x_BTD.reshape(B * T, D), scale_D)
+    return y_RD.reshape(B, T, D), r_R.reshape(B, T, 1)
 
 
 def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
