@@ -316,7 +316,7 @@ def test_unknown_kernel_forms_are_refused(monkeypatch):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, form, monkeypatch):
     """The hand-written backward pass, after either forward (XLA's, or the Pallas kernel: a Triton kernel
-    on a GPU may sum the squares in another order, so within one rounding of x's dtype there)."""
+    on a GPU may sum the squares in another order, so within a few roundings of x's dtype there)."""
     from phi3_jax.model.layers import rms_norm
 
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", form)
@@ -334,7 +334,8 @@ def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, 
     if form == "xla" or INTERPRET:
         np.testing.assert_array_equal(y, y_plain)
     else:
-        np.testing.assert_allclose(y, y_plain, rtol=float(jnp.finfo(dtype).eps), atol=1e-6)
+        ulps = 1 if dtype == jnp.bfloat16 else 4  # float32: the sum's order moves r, then two roundings
+        np.testing.assert_allclose(y, y_plain, rtol=ulps * float(jnp.finfo(dtype).eps), atol=1e-6)
     loss = lambda f: lambda x, s: jnp.sum(f(x, s).astype(jnp.float32) * w)  # noqa: E731
     got = jax.grad(loss(lambda x, s: rms_norm(x, s, 1e-5)), argnums=(0, 1))(x, scale)
     want = jax.grad(loss(plain), argnums=(0, 1))(x, scale)
