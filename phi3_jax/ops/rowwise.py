@@ -40,14 +40,14 @@ def _check_block(block: int) -> None:
 
 def _row_lse(x_ref, block: int):
     """The float32 logsumexp of the row in x_ref, for one program."""
-    load = _triton().load
+    plt = _triton()
     V = x_ref.shape[-1]
 
     def body(i, carry):
         m, s = carry
         idx_K = i * block + jnp.arange(block)
         mask_K = idx_K < V
-        x_K = jnp.where(mask_K, load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32), _LOW)
+        x_K = jnp.where(mask_K, plt.load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32), _LOW)
         m_new = jnp.maximum(m, jnp.max(x_K))
         e_K = jnp.where(mask_K, jnp.exp(x_K - m_new), 0.0)
         return m_new, s * jnp.exp(m - m_new) + jnp.sum(e_K)
