@@ -15,9 +15,9 @@
 # capped at 600 s, so split the list over calls, most important first. On an H100 (jax 0.11.2) the steps
 # took: env 15 s, fused over 150 (about 15 s a cuDNN case), train 65, train_packed 35, train_notriton 41,
 # train_profile 12, one train_flags or train_forms variant 20, train_breakdown 30, kernels over 112,
-# attention 157; e.g.
-#   STEPS="env train_forms train_notriton train_profile elementwise fused" bash bench/gpu_checks.sh "$OUT"
-#   FORMS="--form ..." STEPS="train_packed kernels attention generate" bash bench/gpu_checks.sh "$OUT"
+# attention 157 (train_forms, seven variants: about 140); e.g. in two calls, about 270 s and 450 s:
+#   STEPS="env train_forms train_notriton train_profile elementwise" bash bench/gpu_checks.sh "$OUT"
+#   FORMS="--form ..." STEPS="fused train_packed kernels" bash bench/gpu_checks.sh "$OUT"
 # FORMS (bench/train_step.py --form flags) applies to train_notriton and train_profile; without it they
 # take the forms train_forms found fastest in the same call.
 set -u
