@@ -57,7 +57,8 @@ def logsumexp_forms(interpret: bool):
     return {"one read (phi3_jax off a CPU)": form("one_read"), "two reductions (phi3_jax on a CPU)": form("two_reductions"),
             "Pallas Triton kernel (block 4096, 8 warps: its default)": kernel(4096, 8),
             "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4),
-            "Pallas Triton kernel (block 8192, 8 warps)": kernel(8192, 8)}
+            "Pallas Triton kernel (block 8192, 8 warps)": kernel(8192, 8),
+            "Pallas Triton kernel (block 32768: a phi-3 row at once, 32 warps)": kernel(32768, 32)}
 
 
 def loss_rows_forms(interpret: bool):
@@ -82,7 +83,10 @@ def loss_rows_forms(interpret: bool):
     return {"XLA, one-read logsumexp (phi3_jax off a CPU)": xla("one_read"),
             "XLA, two-reduction logsumexp": xla("two_reductions"),
             "Pallas Triton kernel (block 4096, 8 warps: its default)": kernel(4096, 8),
-            "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4)}
+            "Pallas Triton kernel (block 2048, 4 warps)": kernel(2048, 4),
+            # the whole row in one block: the gradient pass re-reads it from L1 / L2, not memory
+            "Pallas Triton kernel (block 16384, 16 warps)": kernel(16384, 16),
+            "Pallas Triton kernel (block 32768: a phi-3 row at once, 32 warps)": kernel(32768, 32)}
 
 
 def rms_norm_forms(interpret: bool):

@@ -62,7 +62,7 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
             line.startswith("| SwiGLU") or line.startswith("| loss rows") or line.startswith("| RMSNorm")]
-    assert len(rows) == 19 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+    assert len(rows) == 22 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
