@@ -12,6 +12,7 @@ move whole activations or weights and how a model change moves the total, betwee
 
     pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--packed] [--top 30]
+        [--form NAME=VALUE ...]   # a kernel form of the step, as bench/train_step.py --form
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py --decode   # the sampler
 """
 from __future__ import annotations
