@@ -42,7 +42,7 @@ GPU_SHAPE = dict(batch=4, seq=4096, vocab=32064, ffn=8192, hidden=3072)
 CPU_SHAPE = dict(batch=2, seq=128, vocab=2048, ffn=688, hidden=256)
 
 
-def logsumexp_forms(interpret: bool):
+def logsumexp_forms():
     import jax.numpy as jnp
 
     from phi3_jax.ops import cross_entropy
@@ -52,7 +52,7 @@ def logsumexp_forms(interpret: bool):
         return lambda l_BTV: cross_entropy._logsumexp(l_BTV.astype(jnp.float32), name)
 
     def kernel(block, num_warps):
-        return lambda l_BTV: row_logsumexp(l_BTV, block=block, num_warps=num_warps, interpret=interpret)
+        return lambda l_BTV: row_logsumexp(l_BTV, block=block, num_warps=num_warps)
 
     return {"one read (phi3_jax off a CPU)": form("one_read"), "two reductions (phi3_jax on a CPU)": form("two_reductions"),
             "Pallas Triton kernel (block 4096, 8 warps: its default)": kernel(4096, 8),
@@ -61,8 +61,7 @@ def logsumexp_forms(interpret: bool):
             "Pallas Triton kernel (block 32768: a phi-3 row at once, 32 warps)": kernel(32768, 32)}
 
 
-def loss_rows_forms(interpret: bool):
-    import jax
+def loss_rows_forms():
     import jax.numpy as jnp
 
     from phi3_jax.ops import cross_entropy
@@ -72,13 +71,12 @@ def loss_rows_forms(interpret: bool):
         def rows(l_BTV, t_BT, c_BT):  # cross_entropy's XLA path: the logsumexp, then the gradient pass
             logits_BTV = l_BTV.astype(jnp.float32)
             lse_BT = cross_entropy._logsumexp(logits_BTV, form)
-            d_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - jax.nn.one_hot(t_BT, l_BTV.shape[-1])) * c_BT[..., None]
-            return lse_BT, d_BTV.astype(l_BTV.dtype)
+            return lse_BT, cross_entropy.dlogits(logits_BTV, lse_BT, t_BT, c_BT).astype(l_BTV.dtype)
 
         return rows
 
     def kernel(block, num_warps):
-        return lambda l, t, c: row_xent_grad(l, t, c, block=block, num_warps=num_warps, interpret=interpret)
+        return lambda l, t, c: row_xent_grad(l, t, c, block=block, num_warps=num_warps)
 
     return {"XLA, one-read logsumexp (phi3_jax off a CPU)": xla("one_read"),
             "XLA, two-reduction logsumexp": xla("two_reductions"),
@@ -89,18 +87,16 @@ def loss_rows_forms(interpret: bool):
             "Pallas Triton kernel (block 32768: a phi-3 row at once, 32 warps)": kernel(32768, 32)}
 
 
-def rms_norm_forms(interpret: bool):
+def rms_norm_forms():
     from phi3_jax.model import layers
     from phi3_jax.ops import rowwise
 
     return {"XLA (phi3_jax's default)": lambda x, s: layers.plain_rms_norm(x, s, 1e-5),
-            "Pallas Triton kernel (8 warps: its default)": lambda x, s: rowwise.rms_norm(x, s, 1e-5,
-                                                                                           interpret=interpret)[0],
-            "Pallas Triton kernel (4 warps)": lambda x, s: rowwise.rms_norm(x, s, 1e-5, num_warps=4,
-                                                                            interpret=interpret)[0]}
+            "Pallas Triton kernel (8 warps: its default)": lambda x, s: rowwise.rms_norm(x, s, 1e-5)[0],
+            "Pallas Triton kernel (4 warps)": lambda x, s: rowwise.rms_norm(x, s, 1e-5, num_warps=4)[0]}
 
 
-def swiglu_backward_forms(interpret: bool):
+def swiglu_backward_forms():
     import jax
     import jax.numpy as jnp
 
@@ -114,7 +110,7 @@ def swiglu_backward_forms(interpret: bool):
         return layers._swiglu_bwd(z_BTF, dh_BTI)[0]
 
     def kernel(block, num_warps):
-        return lambda z, dh: swiglu_backward(z, dh, block=block, num_warps=num_warps, interpret=interpret)
+        return lambda z, dh: swiglu_backward(z, dh, block=block, num_warps=num_warps)
 
     def concatenated(z_BTF, dh_BTI):  # XLA:GPU's concatenate emitter: one loop per half
         return jnp.concatenate(layers.swiglu_backward_halves(z_BTF, dh_BTI), axis=-1)
@@ -142,12 +138,11 @@ def run(shape: dict, iters: int) -> list[dict]:
     norm_scale = jnp.linspace(0.5, 1.5, D, dtype=jnp.float32).astype(jnp.bfloat16)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
-    interpret = jax.default_backend() != "gpu"  # the Pallas kernels: Triton on a GPU, else the interpreter
-    groups = [("logsumexp", logsumexp_forms(interpret), (logits,), logits.nbytes + B * T * 4),
-              ("loss rows (logsumexp + logits gradient)", loss_rows_forms(interpret), (logits, targets, scale),
+    groups = [("logsumexp", logsumexp_forms(), (logits,), logits.nbytes + B * T * 4),
+              ("loss rows (logsumexp + logits gradient)", loss_rows_forms(), (logits, targets, scale),
                2 * logits.nbytes + B * T * 16),
-              ("SwiGLU backward", swiglu_backward_forms(interpret), (z, dh), 2 * z.nbytes + dh.nbytes),
-              ("RMSNorm forward", rms_norm_forms(interpret), (x, norm_scale), 2 * x.nbytes)]
+              ("SwiGLU backward", swiglu_backward_forms(), (z, dh), 2 * z.nbytes + dh.nbytes),
+              ("RMSNorm forward", rms_norm_forms(), (x, norm_scale), 2 * x.nbytes)]
     rows = []
     def relative(a, b):
         return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))

@@ -69,8 +69,8 @@ def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import elementwise
 
-    forms = elementwise.logsumexp_forms(interpret=True)
-    monkeypatch.setattr(elementwise, "logsumexp_forms", lambda interpret: {**forms, "off by one": lambda l: forms[
+    forms = elementwise.logsumexp_forms()
+    monkeypatch.setattr(elementwise, "logsumexp_forms", lambda: {**forms, "off by one": lambda l: forms[
         "two reductions (phi3_jax on a CPU)"](l) + 1})
     with pytest.raises(SystemExit, match="off by one differs"):
         elementwise.run(dict(batch=1, seq=8, vocab=64, ffn=16, hidden=32), iters=1)

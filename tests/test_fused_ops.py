@@ -219,8 +219,8 @@ def test_train_step_loss_chunks_give_the_same_step():
 @pytest.mark.parametrize("form", layers.SWIGLU_BACKWARD_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_swiglu_value_and_gradient_match_autodiff_of_the_formula(dtype, tol, form, monkeypatch):
-    """The MLP's fused-width backward, in each form (one pass over [gate | up]; halves concatenated),
-    against JAX's own."""
+    """The MLP's fused-width backward, in each form (one pass over [gate | up], halves concatenated, the
+    Pallas kernel), against JAX's own."""
     from phi3_jax.model.layers import swiglu
 
     monkeypatch.setattr(layers, "SWIGLU_BACKWARD", form)

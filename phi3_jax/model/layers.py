@@ -166,8 +166,7 @@ def _rms_norm_fwd(x_BTD, scale_D, eps):
     if RMS_NORM_FORWARD == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed"):
         from phi3_jax.ops import rowwise
 
-        interpret = jax.default_backend() != "gpu"
-        y_BTD, r_BT1 = shd.batch_parallel(lambda x: rowwise.rms_norm(x, scale_D, eps, interpret=interpret), x_BTD)
+        y_BTD, r_BT1 = shd.batch_parallel(lambda x: rowwise.rms_norm(x, scale_D, eps), x_BTD)
         return y_BTD, (x_BTD, scale_D, r_BT1)
     x32 = x_BTD.astype(jnp.float32)
     r_BT1 = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -330,8 +329,7 @@ def _swiglu_bwd(z_BTF, dh_BTI):
     if SWIGLU_BACKWARD == "kernel" and not shd.context_axes("activation_mlp"):
         from phi3_jax.ops.rowwise import swiglu_backward
 
-        interpret = jax.default_backend() != "gpu"
-        return (shd.batch_parallel(lambda z, dh: swiglu_backward(z, dh, interpret=interpret), z_BTF, dh_BTI),)
+        return (shd.batch_parallel(swiglu_backward, z_BTF, dh_BTI),)
     I = dh_BTI.shape[-1]
     z_BTF32 = z_BTF.astype(jnp.float32)
     partner_BTF = jnp.roll(z_BTF32, I, axis=-1)

@@ -38,19 +38,19 @@ def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_i
 def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
     """float32 logits [B, T, V]: the head matmul in x's dtype (rounded there, as in the reference models),
     then the divisor and the padding columns at the float32 minimum."""
-    return _float_logits(_matmul_logits(x_BTD, w_DV), w_DV.shape[1], divisor, dummy_ids)
+    return _float_logits(_matmul_logits(x_BTD, w_DV), divisor, dummy_ids)
 
 
 def _matmul_logits(x_BTD, w_DV):
     return shd.constrain(jnp.dot(x_BTD, w_DV.astype(x_BTD.dtype)), shd.ACT_BTV)
 
 
-def _float_logits(raw_BTV, V: int, divisor: float, dummy_ids: tuple[int, ...]):
+def _float_logits(raw_BTV, divisor: float, dummy_ids: tuple[int, ...]):
     logits_BTV = raw_BTV.astype(jnp.float32)
     if divisor != 1.0:
         logits_BTV = logits_BTV / divisor
     if dummy_ids:
-        dummy_V = jnp.zeros((V,), bool).at[jnp.asarray(dummy_ids)].set(True)
+        dummy_V = jnp.zeros((raw_BTV.shape[-1],), bool).at[jnp.asarray(dummy_ids)].set(True)
         logits_BTV = jnp.where(dummy_V, jnp.finfo(jnp.float32).min, logits_BTV)
     return logits_BTV
 
@@ -105,9 +105,8 @@ def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
     if _kernel_rows(plain):
         from phi3_jax.ops.rowwise import row_logsumexp
 
-        interpret = jax.default_backend() != "gpu"
         # [B, T, 1]: batch_parallel shards the output like its input
-        return shd.batch_parallel(lambda r: row_logsumexp(r, interpret=interpret)[..., None], raw_BTV)[..., 0]
+        return shd.batch_parallel(lambda r: row_logsumexp(r)[..., None], raw_BTV)[..., 0]
     form = logsumexp_form()
     return _logsumexp(logits_BTV, "one_read" if form == "kernel" else form)
 
@@ -115,7 +114,7 @@ def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
 def _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids):
     """(float32 logits, masked sum of logsumexp - target logit, the logsumexp [B, T]) from the head matmul's
     output."""
-    logits_BTV = _float_logits(raw_BTV, raw_BTV.shape[-1], divisor, dummy_ids)
+    logits_BTV = _float_logits(raw_BTV, divisor, dummy_ids)
     lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return logits_BTV, jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
@@ -127,20 +126,23 @@ def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     if _kernel_rows(divisor == 1.0 and not dummy_ids):
         from phi3_jax.ops.rowwise import row_xent_grad
 
-        interpret = jax.default_backend() != "gpu"
-
         def rows(r_BTV, t_BT, m_BT):
-            lse_BT, d_BTV = row_xent_grad(r_BTV, t_BT, m_BT, interpret=interpret)
+            lse_BT, d_BTV = row_xent_grad(r_BTV, t_BT, m_BT)
             return lse_BT[..., None], d_BTV  # both [B, T, .]: batch_parallel shards outputs like its input
 
         lse_BT1, dlogits_BTV = shd.batch_parallel(rows, raw_BTV, targets_BT, mask_BT)
         target_BT = jnp.take_along_axis(raw_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
         return jnp.sum((lse_BT1[..., 0] - target_BT) * mask_BT), shd.constrain(dlogits_BTV, shd.ACT_BTV)
     logits_BTV, loss, lse_BT = _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids)
-    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
-    scale_BT = mask_BT / divisor
-    dlogits_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]
+    dlogits_BTV = dlogits(logits_BTV, lse_BT, targets_BT, mask_BT / divisor)
     return loss, shd.constrain(dlogits_BTV.astype(x_BTD.dtype), shd.ACT_BTV)
+
+
+def dlogits(logits_BTV, lse_BT, targets_BT, scale_BT):
+    """(softmax - onehot(targets)) * scale in float32: the gradient of scale-weighted cross-entropies in the
+    float32 logits, from their logsumexp."""
+    onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
+    return (jnp.exp(logits_BTV - lse_BT[..., None]) - onehot_BTV) * scale_BT[..., None]
 
 
 def _by_chunk(a, chunks):

@@ -13,8 +13,8 @@
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
 
-One program per row (a `vmap` of the kernel); `interpret` runs them in Pallas' interpreter on any backend
-(the tests). None has a gradient: they are the insides of hand-written backward passes.
+One program per row (a `vmap` of the kernel). `interpret` (default: off a GPU) runs them in Pallas'
+interpreter, on any backend. None has a gradient: they are the insides of hand-written backward passes.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def _triton():
     from jax.experimental.pallas import triton as plt
 
     return plt
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def _check_block(block: int) -> None:
@@ -65,13 +69,13 @@ def _params(num_warps: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
-def row_logsumexp(logits_BTV, *, block: int = 4096, num_warps: int = 8, interpret: bool = False):
+def row_logsumexp(logits_BTV, *, block: int = 4096, num_warps: int = 8, interpret: bool | None = None):
     """float32 [B, T] logsumexp over the last axis of float logits [B, T, V] (read in their own dtype)."""
     _check_block(block)
     B, T, V = logits_BTV.shape
     call = pl.pallas_call(functools.partial(_logsumexp_kernel, block=min(block, pl.next_power_of_2(V))),
                           out_shape=jax.ShapeDtypeStruct((), jnp.float32), grid=(),
-                          compiler_params=_params(num_warps), interpret=interpret, name="row_logsumexp")
+                          compiler_params=_params(num_warps), interpret=_interpret(interpret), name="row_logsumexp")
     return jax.vmap(call)(logits_BTV.reshape(B * T, V)).reshape(B, T)
 
 
@@ -95,7 +99,7 @@ def _xent_grad_kernel(x_ref, t_ref, c_ref, lse_ref, d_ref, *, block: int):
 
 @functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
 def row_xent_grad(logits_BTV, targets_BT, scale_BT, *, block: int = 4096, num_warps: int = 8,
-                  interpret: bool = False):
+                  interpret: bool | None = None):
     """(float32 [B, T] logsumexp of the logits rows, [B, T, V] (softmax - onehot(targets)) * scale in the
     logits' dtype, computed in float32) for float logits [B, T, V], int targets and float32 scales [B, T]."""
     _check_block(block)
@@ -103,7 +107,7 @@ def row_xent_grad(logits_BTV, targets_BT, scale_BT, *, block: int = 4096, num_wa
     call = pl.pallas_call(functools.partial(_xent_grad_kernel, block=min(block, pl.next_power_of_2(V))),
                           out_shape=(jax.ShapeDtypeStruct((), jnp.float32),
                                      jax.ShapeDtypeStruct((V,), logits_BTV.dtype)),
-                          grid=(), compiler_params=_params(num_warps), interpret=interpret, name="row_xent_grad")
+                          grid=(), compiler_params=_params(num_warps), interpret=_interpret(interpret), name="row_xent_grad")
     lse_R, d_RV = jax.vmap(call)(logits_BTV.reshape(B * T, V), targets_BT.reshape(B * T).astype(jnp.int32),
                                  scale_BT.reshape(B * T).astype(jnp.float32))
     return lse_R.reshape(B, T), d_RV.reshape(B, T, V)
@@ -122,13 +126,13 @@ def _rms_norm_kernel(x_ref, s_ref, y_ref, r_ref, *, block: int, eps: float):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def rms_norm(x_BTD, scale_D, eps: float, *, num_warps: int = 8, interpret: bool = False):
+def rms_norm(x_BTD, scale_D, eps: float, *, num_warps: int = 8, interpret: bool | None = None):
     """(y [B, T, D] in x's dtype, the float32 inverse norm [B, T, 1]): x normalised in float32, rounded to
     x's dtype, times the scale in x's dtype (HF Phi3RMSNorm). One program per row, the row in one block."""
     B, T, D = x_BTD.shape
     call = pl.pallas_call(functools.partial(_rms_norm_kernel, block=pl.next_power_of_2(D), eps=float(eps)),
                           out_shape=(jax.ShapeDtypeStruct((D,), x_BTD.dtype), jax.ShapeDtypeStruct((), jnp.float32)),
-                          grid=(), compiler_params=_params(num_warps), interpret=interpret, name="rms_norm")
+                          grid=(), compiler_params=_params(num_warps), interpret=_interpret(interpret), name="rms_norm")
     y_RD, r_R = jax.vmap(call, in_axes=(0, None))(x_BTD.reshape(B * T, D), scale_D)
     return y_RD.reshape(B, T, D), r_R.reshape(B, T, 1)
 
@@ -153,7 +157,7 @@ def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block", "num_warps", "interpret"))
-def swiglu_backward(z_BTF, dh_BTI, *, block: int = 1024, num_warps: int = 4, interpret: bool = False):
+def swiglu_backward(z_BTF, dh_BTI, *, block: int = 1024, num_warps: int = 4, interpret: bool | None = None):
     """d [gate | up] [B, T, 2I] in z's dtype, from z = [gate | up] [B, T, 2I] and d (silu(gate) * up)
     [B, T, I], computed in float32."""
     _check_block(block)
@@ -162,5 +166,5 @@ def swiglu_backward(z_BTF, dh_BTI, *, block: int = 1024, num_warps: int = 4, int
         raise ValueError(f"swiglu_backward: z {z_BTF.shape} is not [B, T, 2I] for d out {dh_BTI.shape}")
     call = pl.pallas_call(functools.partial(_swiglu_backward_kernel, block=min(block, pl.next_power_of_2(F // 2))),
                           out_shape=jax.ShapeDtypeStruct((F,), z_BTF.dtype), grid=(),
-                          compiler_params=_params(num_warps), interpret=interpret, name="swiglu_backward")
+                          compiler_params=_params(num_warps), interpret=_interpret(interpret), name="swiglu_backward")
     return jax.vmap(call)(z_BTF.reshape(B * T, F), dh_BTI.reshape(B * T, F // 2)).reshape(B, T, F)
