@@ -32,6 +32,29 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> tuple[float
     return first, statistics.median(times)
 
 
+def time_in_flight(dispatch: Callable[[], object], read: Callable[[object], object], iters: int,
+                   warmup: int) -> float:
+    """Median seconds per step over `iters` steps run the way a training loop runs them: `dispatch()` starts
+    a step and returns its (not yet computed) loss, and `read(loss)` waits for it only after the next step
+    has been dispatched, as phi3_jax.train reads each step's metrics. The device then never idles while the
+    host dispatches, so the time between two reads is the device's time for one step. Call after the
+    first (compiling) step."""
+    for _ in range(warmup):
+        read(dispatch())
+    pending = dispatch()
+    following = dispatch()
+    read(pending)
+    ends = [time.perf_counter()]
+    pending = following
+    for _ in range(iters):
+        following = dispatch()
+        read(pending)
+        ends.append(time.perf_counter())
+        pending = following
+    read(pending)
+    return statistics.median(b - a for a, b in zip(ends, ends[1:]))
+
+
 def time_ms(fn: Callable, *args, iters: int, repeats: int = 5) -> float:
     """Median over `repeats` of the mean time of `iters` back-to-back calls of a JAX function (dispatch
     overlaps compute), after one call to compile and warm up."""

@@ -24,6 +24,7 @@ def test_train_step_bench_jax_side(tmp_path):
     assert "ms per call" in r.stdout and "| op |" in r.stdout  # the profile's op table
     result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
     assert result["packed"] and not result["scan_layers"] and result["tokens_per_s"] > 0
+    assert result["median_s"] > 0 and result["sync_median_s"] > 0
     assert 0 < result["loss_forward_s"] and 0 < result["loss_and_grads_s"]
     assert result["forms"] == {"logsumexp": "one_read"}
 
@@ -44,6 +45,30 @@ def test_bench_forms_set_the_model_constants_and_refuse_unknown_ones(monkeypatch
         apply_forms(["softmax=kernel"])
     with pytest.raises(SystemExit, match="VALUE must be one of"):
         apply_forms(["logsumexp=fast"])
+
+
+def test_time_in_flight_reads_each_step_after_dispatching_the_next(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import time
+
+    from common import time_in_flight
+
+    log = []
+
+    def dispatch():
+        log.append(("dispatch", len([e for e in log if e[0] == "dispatch"])))
+        return log[-1][1]
+
+    def read(k):
+        time.sleep(0.02)
+        log.append(("read", k))
+
+    median = time_in_flight(dispatch, read, iters=4, warmup=1)
+    assert 0.02 <= median < 0.5
+    reads = [k for kind, k in log if kind == "read"]
+    assert reads == list(range(len(reads)))  # every step read once, in order
+    for k in reads[1:-1]:  # past the warmup, step k + 1 was dispatched before step k was read
+        assert log.index(("dispatch", k + 1)) < log.index(("read", k))
 
 
 @pytest.mark.slow
