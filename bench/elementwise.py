@@ -14,7 +14,9 @@ account in bench/RESULTS.md ("where the step goes").
   separate outputs (what a gate_up projection taking its gradient in halves would need), and the Pallas
   Triton kernel (`layers.SWIGLU_BACKWARD` picks the model's form).
 - RMSNorm forward over [B, T, hidden]: XLA's (a sum-of-squares pass, then the scaling) against the Pallas
-  Triton kernel that loads each row once (`layers.RMS_NORM_FORWARD`).
+  Triton kernel that loads each row once (`layers.RMS_NORM_FORWARD`); and the same with the residual add
+  before it (h = x + a, then the norm of h; in the train step XLA folds that add into the matmul making
+  `a`, after copying x, so this group times the kernel's side alone).
 
 Off a GPU the Pallas kernels run in their interpreter: slow, and timed only to check them.
 
@@ -96,6 +98,19 @@ def rms_norm_forms():
             "Pallas Triton kernel (4 warps)": lambda x, s: rowwise.rms_norm(x, s, 1e-5, num_warps=4)[0]}
 
 
+def add_rms_norm_forms():
+    from phi3_jax.model import layers
+    from phi3_jax.ops import rowwise
+
+    def xla(x, a, s):
+        h = x + a
+        return h, layers.plain_rms_norm(h, s, 1e-5)
+
+    return {"XLA (phi3_jax's default: the add, then the norm)": xla,
+            "Pallas Triton kernel (8 warps: its default)": lambda x, a, s: rowwise.add_rms_norm(x, a, s, 1e-5)[:2],
+            "Pallas Triton kernel (4 warps)": lambda x, a, s: rowwise.add_rms_norm(x, a, s, 1e-5, num_warps=4)[:2]}
+
+
 def swiglu_backward_forms():
     import jax
     import jax.numpy as jnp
@@ -135,6 +150,7 @@ def run(shape: dict, iters: int) -> list[dict]:
     targets = jax.random.randint(k4, (B, T), 0, V)
     scale = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
     x = jax.random.normal(k5, (B, T, D), jnp.float32).astype(jnp.bfloat16)
+    a = jax.random.normal(k1, (B, T, D), jnp.float32).astype(jnp.bfloat16)
     norm_scale = jnp.linspace(0.5, 1.5, D, dtype=jnp.float32).astype(jnp.bfloat16)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
@@ -142,7 +158,8 @@ def run(shape: dict, iters: int) -> list[dict]:
               ("loss rows (logsumexp + logits gradient)", loss_rows_forms(), (logits, targets, scale),
                2 * logits.nbytes + B * T * 16),
               ("SwiGLU backward", swiglu_backward_forms(), (z, dh), 2 * z.nbytes + dh.nbytes),
-              ("RMSNorm forward", rms_norm_forms(), (x, norm_scale), 2 * x.nbytes)]
+              ("RMSNorm forward", rms_norm_forms(), (x, norm_scale), 2 * x.nbytes),
+              ("residual add + RMSNorm forward", add_rms_norm_forms(), (x, a, norm_scale), 4 * x.nbytes)]
     rows = []
     def relative(a, b):
         return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))

@@ -85,9 +85,9 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     results = tmp_path / "RESULTS.md"
     r = _run("bench/elementwise.py", "--iters", "1", "--append", str(results))
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in results.read_text().splitlines() if line.startswith("| logsumexp") or
-            line.startswith("| SwiGLU") or line.startswith("| loss rows") or line.startswith("| RMSNorm")]
-    assert len(rows) == 22 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+    ops = ("| logsumexp", "| SwiGLU", "| loss rows", "| RMSNorm", "| residual add + RMSNorm")
+    rows = [line for line in results.read_text().splitlines() if line.startswith(ops)]
+    assert len(rows) == 25 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):

@@ -299,6 +299,73 @@ def test_rms_norm_kernel_under_a_mesh(monkeypatch):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), jax.jit(f)(x, scale), want)
 
 
+@EIGHT_DEVICES
+def test_add_rms_norm_kernel_under_a_mesh(monkeypatch):
+    """The residual add + norm kernel per batch shard on 8 devices; XLA's add and norm where the hidden
+    axis is split: values and gradients as autodiff's either way."""
+    from phi3_jax import sharding as shd
+
+    monkeypatch.setattr(layers, "RMS_NORM_FORWARD", "kernel")
+    r = np.random.default_rng(9)
+    x, a, wh, wy = (jnp.asarray(r.normal(size=(8, 4, 48)), jnp.float32) for _ in range(4))
+    scale = jnp.asarray(1 + 0.1 * r.normal(size=(48,)), jnp.float32)
+    loss = lambda f: lambda x, a, s: sum(jnp.sum(o * w) for o, w in zip(f(x, a, s), (wh, wy)))  # noqa: E731
+    plain = lambda x, a, s: (x + a, layers.plain_rms_norm(x + a, s, 1e-5))  # noqa: E731
+    want = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(x, a, scale)
+    mesh = shd.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+    fused = lambda x, a, s: layers.add_rms_norm(x, a, s, 1e-5)  # noqa: E731
+    for rules, kernel in (({}, True), ({"activation_embed": "tensor"}, False)):
+        f = shd.with_activation_sharding(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)), mesh, rules)
+        assert ("pallas_call" in str(jax.make_jaxpr(f)(x, a, scale))) == kernel
+        jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5), jax.jit(f)(x, a, scale),
+                     want)
+
+
+@pytest.mark.parametrize("form", layers.RMS_NORM_FORWARD_FORMS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_add_rms_norm_value_and_gradients_match_autodiff_of_add_then_norm(dtype, tol, form, monkeypatch):
+    """h = x + a and the norm of h from one op: the values of the add (rounded to x's dtype) then the norm,
+    and the gradients of both outputs' uses (h's two cotangents summed) as autodiff's."""
+    monkeypatch.setattr(layers, "RMS_NORM_FORWARD", form)
+    r = np.random.default_rng(1)
+    x = jnp.asarray(r.normal(size=(2, 8, 96)) * 2 + 0.5, dtype)
+    a = jnp.asarray(r.normal(size=(2, 8, 96)), dtype)
+    scale = jnp.asarray(1 + 0.1 * r.normal(size=(96,)), dtype)
+    wh, wy = (jnp.asarray(r.normal(size=(2, 8, 96)), jnp.float32) for _ in range(2))
+
+    def plain(x, a, scale):
+        return x + a, layers.plain_rms_norm(x + a, scale, 1e-5)
+
+    def fused(x, a, scale):
+        return layers.add_rms_norm(x, a, scale, 1e-5)
+
+    (h, y), (h_plain, y_plain) = fused(x, a, scale), plain(x, a, scale)
+    assert h.dtype == y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_plain, np.float32))
+    y, y_plain = np.asarray(y, np.float32), np.asarray(y_plain, np.float32)
+    if form == "xla" or INTERPRET:
+        np.testing.assert_array_equal(y, y_plain)
+    else:
+        ulps = 1 if dtype == jnp.bfloat16 else 4
+        np.testing.assert_allclose(y, y_plain, rtol=ulps * float(jnp.finfo(dtype).eps), atol=1e-6)
+    def loss(f):
+        return lambda *args: sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(f(*args), (wh, wy)))
+
+    got = jax.grad(loss(fused), argnums=(0, 1, 2))(x, a, scale)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(x, a, scale)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
+
+
+def test_add_rms_norm_kernel_refuses_unlike_operands():
+    from phi3_jax.ops import rowwise
+
+    with pytest.raises(ValueError, match="is not like x"):
+        rowwise.add_rms_norm(jnp.ones((1, 2, 8)), jnp.ones((1, 2, 4)), jnp.ones((8,)), 1e-5)
+
+
 def test_unknown_kernel_forms_are_refused(monkeypatch):
     monkeypatch.setattr(layers, "SWIGLU_BACKWARD", "fast")
     with pytest.raises(ValueError, match="SWIGLU_BACKWARD='fast'"):
@@ -345,17 +412,19 @@ def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, 
                                    atol=tol * float(jnp.max(jnp.abs(h.astype(jnp.float32)))))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("forms", [{}, {"SWIGLU_BACKWARD": "kernel", "LOGSUMEXP": "kernel",
                                        "RMS_NORM_FORWARD": "kernel"}], ids=["default_forms", "kernel_forms"])
-def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch, forms):
+def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch, forms, scan_layers):
     """The GPU path (layers.FUSED_BACKWARD) through the whole model, in the default forms and with the
-    Pallas row kernels: loss and every gradient as autodiff's."""
+    Pallas row kernels, layers scanned or unrolled (each residual add then runs in the next norm's op):
+    loss and every gradient as autodiff's."""
     from flax import nnx
 
     for name, value in forms.items():
         monkeypatch.setattr(cross_entropy if name == "LOGSUMEXP" else layers, name, value)
     cfg = get_preset("phi-3-tiny", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=16, intermediate_size=128, attention_impl="xla")
+                     head_dim=16, intermediate_size=128, attention_impl="xla", scan_layers=scan_layers)
     graphdef, params = ts.split_model(init_model(cfg, 0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 17)), jnp.int32)
     mask = jnp.ones((2, 16), jnp.float32)

@@ -29,22 +29,35 @@ class Block(nnx.Module):
         self.post_attention_layernorm = Norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None, dropout_keys_B=None):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None, dropout_keys_B=None,
+                 residual_BTD=None, defer_residual: bool = False):
         """[B, T, D] -> [B, T, D]; with `kv_cache` (see Attention) -> ([B, T, D], updated (k, v)).
-        `dropout_keys_B` (this layer's per-row keys) turns on the config's residual dropout."""
+        `dropout_keys_B` (this layer's per-row keys) turns on the config's residual dropout.
+
+        Each residual add runs with the norm after it as one op (`Norm.add_norm`). Across blocks:
+        `defer_residual` returns (x, m) for the block's output x + m, and the next block takes that m as
+        `residual_BTD`, so its input norm does the add."""
         cfg = self.cfg
         # Residual stream pinned at the sublayer boundaries (no-op outside shd.activation_sharding).
-        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
-        a_BTD = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, segment_ids_BT=segment_ids_BT,
-                               layout=layout, impl=impl, kv_cache=kv_cache)
+        if residual_BTD is None:
+            x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+            n_BTD = self.input_layernorm(x_BTD)
+        else:
+            x_BTD, n_BTD = self.input_layernorm.add_norm(x_BTD, residual_BTD)
+            x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        a_BTD = self.self_attn(n_BTD, cos_BTH, sin_BTH, segment_ids_BT=segment_ids_BT, layout=layout, impl=impl,
+                               kv_cache=kv_cache)
         if kv_cache is not None:
             a_BTD, kv = a_BTD
         if dropout_keys_B is not None and cfg.resid_attn_dropout > 0:
             a_BTD = dropout(a_BTD, cfg.resid_attn_dropout, dropout_keys_B, 0)
-        x_BTD = shd.constrain(x_BTD + a_BTD, shd.ACT_BTD)
-        m_BTD = self.mlp(self.post_attention_layernorm(x_BTD))
+        x_BTD, n_BTD = self.post_attention_layernorm.add_norm(x_BTD, a_BTD)
+        x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
+        m_BTD = self.mlp(n_BTD)
         if dropout_keys_B is not None and cfg.resid_mlp_dropout > 0:
             m_BTD = dropout(m_BTD, cfg.resid_mlp_dropout, dropout_keys_B, 1)
+        if defer_residual:
+            return x_BTD, shd.constrain(m_BTD, shd.ACT_BTD)
         x_BTD = shd.constrain(x_BTD + m_BTD, shd.ACT_BTD)
         return x_BTD if kv_cache is None else (x_BTD, kv)
 
@@ -136,8 +149,9 @@ class Decoder(nnx.Module):
         kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.lengths_B,
                                          None if prefill else positions_BT)
         keys = dropout_keys_B if cfg.resid_attn_dropout > 0 or cfg.resid_mlp_dropout > 0 else None
-        x_BTD, kv = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv, keys)
-        return shd.constrain(self.norm(x_BTD), shd.ACT_BTD), kv
+        x_BTD, kv, m_BTD = self._run_layers(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv, keys)
+        n_BTD = self.norm(x_BTD) if m_BTD is None else self.norm.add_norm(x_BTD, m_BTD)[1]
+        return shd.constrain(n_BTD, shd.ACT_BTD), kv
 
     def head_weight(self):
         """The output projection [D, vocab] (the embedding table, transposed, when tied)."""
@@ -160,8 +174,10 @@ class Decoder(nnx.Module):
         return loss, jnp.sum(mask_BT)
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None, dropout_keys_B=None):
-        """x after every layer, and with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT) the updated
-        (k_LBSKH, v_LBSKH) (else None; positions None: a prefill into an empty cache, see Attention). With `dropout_keys_B`, layer l drops with the row keys folded with l."""
+        """(x, kv, m) after every layer: the output is x + m, where m is the last block's MLP output left for the
+        final norm to add (None: x is the output); with `kv` = (k_LBSKH, v_LBSKH, lengths_B, positions_BT)
+        kv is the updated (k_LBSKH, v_LBSKH) (else None; positions None: a prefill into an empty cache, see
+        Attention). With `dropout_keys_B`, layer l drops with the row keys folded with l."""
         cfg = self.cfg
         P = cfg.layer_period
         layout = blocksparse_layout(cfg) if cfg.dense_attention_every_n_layers else None
@@ -175,20 +191,26 @@ class Decoder(nnx.Module):
               by_step(jnp.arange(cfg.num_layers, dtype=jnp.uint32)))
         # The stacked KV cache rides in the carry, not in xs / ys: each layer writes its new tokens in place,
         # where scanned inputs and outputs would copy the whole cache for every token.
-        carry = (x_BTD, None if kv is None else kv[:2])
+        # Unrolled, each block leaves its last residual add to the next block's input norm (and the last
+        # one's to the final norm): the add and the norm then run as one op. Under the scan the carry stays x
+        # alone, as a layer's saved input for the backward pass.
+        defer = not cfg.scan_layers and kv is None
+        carry = (x_BTD, None if kv is None else kv[:2], None)
 
         def step(carry, xs_P):
-            x_BTD, kv_L = carry
+            x_BTD, kv_L, m_BTD = carry
             st_P, ids_P = xs_P
             for j in range(P):
                 block = nnx.merge(graphdef, st_P[j])
                 if kv_L is None:
                     keys = None if dropout_keys_B is None else fold_rows(dropout_keys_B, ids_P[j])
-                    x_BTD = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys)
+                    out = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys,
+                                residual_BTD=m_BTD, defer_residual=defer)
+                    x_BTD, m_BTD = out if defer else (out, None)
                 else:
                     x_BTD, kv_L = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
                                         kv_cache=(*kv_L, ids_P[j].astype(jnp.int32), kv[2], kv[3]))
-            return (x_BTD, kv_L), None
+            return (x_BTD, kv_L, m_BTD), None
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)

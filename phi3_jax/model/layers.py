@@ -152,18 +152,23 @@ def rms_norm(x_BTD, scale_D, eps: float):
     return _rms_norm_fwd(x_BTD, scale_D, eps)[0]
 
 
-# How rms_norm's forward pass runs where its backward is hand-written (FUSED_BACKWARD): "xla" (two kernels:
-# the row sums of squares, then the scaling) or "kernel" (`ops.rowwise.rms_norm`, a Pallas Triton kernel
-# that loads each row once; GPUs, elsewhere Pallas' interpreter; "xla" where the hidden axis is split over
-# devices). bench/train_step.py --form rms_norm_forward=... times them.
+# How rms_norm's and add_rms_norm's forward passes run where their backward is hand-written
+# (FUSED_BACKWARD): "xla" (two kernels: the row sums of squares, then the scaling; the add before them folded
+# into the matmul that produces its addend) or "kernel" (`ops.rowwise.rms_norm` / `add_rms_norm`, Pallas
+# Triton kernels that load each row once; GPUs, elsewhere Pallas' interpreter; "xla" where the hidden axis
+# is split over devices). bench/train_step.py --form rms_norm_forward=... times them.
 RMS_NORM_FORWARD = "xla"
 RMS_NORM_FORWARD_FORMS = ("xla", "kernel")
 
 
-def _rms_norm_fwd(x_BTD, scale_D, eps):
+def _rms_norm_kernel_applies(x_BTD) -> bool:
     if RMS_NORM_FORWARD not in RMS_NORM_FORWARD_FORMS:
         raise ValueError(f"layers.RMS_NORM_FORWARD={RMS_NORM_FORWARD!r}: must be one of {RMS_NORM_FORWARD_FORMS}")
-    if RMS_NORM_FORWARD == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed"):
+    return RMS_NORM_FORWARD == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed")
+
+
+def _rms_norm_fwd(x_BTD, scale_D, eps):
+    if _rms_norm_kernel_applies(x_BTD):
         from phi3_jax.ops import rowwise
 
         y_BTD, r_BT1 = shd.batch_parallel(lambda x: rowwise.rms_norm(x, scale_D, eps), x_BTD)
@@ -187,6 +192,37 @@ def _rms_norm_bwd(eps, res, dy_BTD):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def add_rms_norm(x_BTD, a_BTD, scale_D, eps: float):
+    """(h = x + a, rms_norm(h)): a residual add and the norm after it, as one op.
+
+    In the "kernel" form of RMS_NORM_FORWARD one row kernel reads x and a once and writes h and the norm.
+    As separate ops, XLA folds the add into the matmul that produces `a` (its output buffer starts as a
+    copy of x, which XLA must make as x stays live for the backward pass) and the norm reads h again."""
+    return _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps)[0]
+
+
+def _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps):
+    if _rms_norm_kernel_applies(x_BTD):
+        from phi3_jax.ops import rowwise
+
+        h_BTD, y_BTD, r_BT1 = shd.batch_parallel(lambda x, a: rowwise.add_rms_norm(x, a, scale_D, eps), x_BTD, a_BTD)
+        return (h_BTD, y_BTD), (h_BTD, scale_D, r_BT1)
+    h_BTD = x_BTD + a_BTD
+    y_BTD, res = _rms_norm_fwd(h_BTD, scale_D, eps)
+    return (h_BTD, y_BTD), res
+
+
+def _add_rms_norm_bwd(eps, res, cts):
+    dh_BTD, dy_BTD = cts
+    dx_BTD, dscale_D = _rms_norm_bwd(eps, res, dy_BTD)
+    dx_BTD = dh_BTD + dx_BTD  # h's two uses, as autodiff of `x + a` then the norm sums them
+    return dx_BTD, dx_BTD, dscale_D
+
+
+add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
+
+
 class Norm(nnx.Module):
     """RMSNorm (phi3) or LayerNorm with bias (phi3small), normalising in float32."""
 
@@ -208,6 +244,14 @@ class Norm(nnx.Module):
             return y32.astype(x_BTD.dtype)
         norm = rms_norm if fused_backward() else plain_rms_norm
         return norm(x_BTD, self.scale[...], self.eps)
+
+    def add_norm(self, x_BTD, a_BTD):
+        """(h = x + a, the norm of h): a residual add and this norm, one op where the backward passes are
+        hand-written (`add_rms_norm`)."""
+        if self.kind == "layer" or not fused_backward():
+            h_BTD = x_BTD + a_BTD
+            return h_BTD, self(h_BTD)
+        return add_rms_norm(x_BTD, a_BTD, self.scale[...], self.eps)
 
 
 def rope_tables(cfg: ModelConfig, positions_BT, dtype):

@@ -9,6 +9,9 @@
   second time (from L2 when it is still there) instead of a separate pass over the logits.
 - `rms_norm(x_BTD, scale_D, eps)` = (HF Phi3RMSNorm of x, the float32 inverse norm [B, T, 1]): the row
   loaded once, where XLA reads it twice (the sum of squares, then the scaling).
+- `add_rms_norm(x_BTD, a_BTD, scale_D, eps)` = (h = x + a, then rms_norm of h): a residual add and the
+  norm after it, where XLA copies the residual so that the matmul producing `a` can add it in place, then
+  reads h twice for the norm.
 - `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
@@ -107,22 +110,38 @@ def row_xent_grad(logits_BTV, targets_BT, scale_BT, *, block: int = 4096, num_wa
     call = pl.pallas_call(functools.partial(_xent_grad_kernel, block=min(block, pl.next_power_of_2(V))),
                           out_shape=(jax.ShapeDtypeStruct((), jnp.float32),
                                      jax.ShapeDtypeStruct((V,), logits_BTV.dtype)),
-                          grid=(), compiler_params=_params(num_warps), interpret=_interpret(interpret), name="row_xent_grad")
+                          grid=(), compiler_params=_params(num_warps), interpret=_interpret(interpret),
+                          name="row_xent_grad")
     lse_R, d_RV = jax.vmap(call)(logits_BTV.reshape(B * T, V), targets_BT.reshape(B * T).astype(jnp.int32),
                                  scale_BT.reshape(B * T).astype(jnp.float32))
     return lse_R.reshape(B, T), d_RV.reshape(B, T, V)
 
 
-def _rms_norm_kernel(x_ref, s_ref, y_ref, r_ref, *, block: int, eps: float):
+def _store_rms_norm(x_K, idx_K, mask_K, s_ref, y_ref, r_ref, eps: float):
+    """Writes the norm of one row (float32 x_K, zero past the row's D entries) and its inverse norm."""
     plt = _triton()
-    D = x_ref.shape[-1]
-    idx_K = jnp.arange(block)
-    mask_K = idx_K < D
-    x_K = plt.load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+    D = y_ref.shape[-1]
     r = jax.lax.rsqrt(jnp.sum(x_K * x_K) / D + eps)
     s_K = plt.load(s_ref.at[idx_K], mask=mask_K, other=0).astype(y_ref.dtype)
     plt.store(y_ref.at[idx_K], (x_K * r).astype(y_ref.dtype) * s_K, mask=mask_K)
     r_ref[...] = r
+
+
+def _rms_norm_kernel(x_ref, s_ref, y_ref, r_ref, *, block: int, eps: float):
+    idx_K = jnp.arange(block)
+    mask_K = idx_K < x_ref.shape[-1]
+    x_K = _triton().load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+    _store_rms_norm(x_K, idx_K, mask_K, s_ref, y_ref, r_ref, eps)
+
+
+def _add_rms_norm_kernel(x_ref, a_ref, s_ref, h_ref, y_ref, r_ref, *, block: int, eps: float):
+    plt = _triton()
+    idx_K = jnp.arange(block)
+    mask_K = idx_K < x_ref.shape[-1]
+    h_K = (plt.load(x_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)
+           + plt.load(a_ref.at[idx_K], mask=mask_K, other=0).astype(jnp.float32)).astype(h_ref.dtype)
+    plt.store(h_ref.at[idx_K], h_K, mask=mask_K)
+    _store_rms_norm(h_K.astype(jnp.float32), idx_K, mask_K, s_ref, y_ref, r_ref, eps)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
@@ -135,6 +154,21 @@ def rms_norm(x_BTD, scale_D, eps: float, *, num_warps: int = 8, interpret: bool 
                           grid=(), compiler_params=_params(num_warps), interpret=_interpret(interpret), name="rms_norm")
     y_RD, r_R = jax.vmap(call, in_axes=(0, None))(x_BTD.reshape(B * T, D), scale_D)
     return y_RD.reshape(B, T, D), r_R.reshape(B, T, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def add_rms_norm(x_BTD, a_BTD, scale_D, eps: float, *, num_warps: int = 8, interpret: bool | None = None):
+    """(h = x + a in x's dtype, rms_norm(h, scale, eps)'s two outputs): a residual add and the norm after it,
+    each row of x and a loaded once and h written once."""
+    B, T, D = x_BTD.shape
+    if a_BTD.shape != x_BTD.shape or a_BTD.dtype != x_BTD.dtype:
+        raise ValueError(f"add_rms_norm: a {a_BTD.dtype}{a_BTD.shape} is not like x {x_BTD.dtype}{x_BTD.shape}")
+    row = jax.ShapeDtypeStruct((D,), x_BTD.dtype)
+    call = pl.pallas_call(functools.partial(_add_rms_norm_kernel, block=pl.next_power_of_2(D), eps=float(eps)),
+                          out_shape=(row, row, jax.ShapeDtypeStruct((), jnp.float32)), grid=(),
+                          compiler_params=_params(num_warps), interpret=_interpret(interpret), name="add_rms_norm")
+    h_RD, y_RD, r_R = jax.vmap(call, in_axes=(0, 0, None))(x_BTD.reshape(B * T, D), a_BTD.reshape(B * T, D), scale_D)
+    return h_RD.reshape(B, T, D), y_RD.reshape(B, T, D), r_R.reshape(B, T, 1)
 
 
 def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
