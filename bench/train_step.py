@@ -197,7 +197,8 @@ def bench_torch(args) -> dict:
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     return dict(framework="transformers", version=f"{transformers.__version__} (torch {torch.__version__})",
                 backend=dev, device=name, threads=torch.get_num_threads(), first_s=first, median_s=median,
-                sync_median_s=sync_median, tokens_per_s=B * T / median, params=sum(p.numel() for p in model.parameters()))
+                sync_median_s=sync_median, tokens_per_s=B * T / median,
+                params=sum(p.numel() for p in model.parameters()))
 
 
 def markdown(args, jx: dict, pt: dict, command: str, load: float) -> str:
