@@ -161,7 +161,8 @@ def peer_main(script_path: str, argv: list[str] | None, args, bench_jax: Callabl
 # the tuple of its values there.
 FORMS = {"logsumexp": ("phi3_jax.ops.cross_entropy", "LOGSUMEXP", "LOGSUMEXP_FORMS"),
          "swiglu_backward": ("phi3_jax.model.layers", "SWIGLU_BACKWARD", "SWIGLU_BACKWARD_FORMS"),
-         "rms_norm_forward": ("phi3_jax.model.layers", "RMS_NORM_FORWARD", "RMS_NORM_FORWARD_FORMS")}
+         "rms_norm_forward": ("phi3_jax.model.layers", "RMS_NORM_FORWARD", "RMS_NORM_FORWARD_FORMS"),
+         "rms_norm_backward": ("phi3_jax.model.layers", "RMS_NORM_BACKWARD", "RMS_NORM_BACKWARD_FORMS")}
 
 
 def apply_forms(pairs: list[str] | None) -> dict[str, str]:

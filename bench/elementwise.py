@@ -16,7 +16,9 @@ account in bench/RESULTS.md ("where the step goes").
 - RMSNorm forward over [B, T, hidden]: XLA's (a sum-of-squares pass, then the scaling) against the Pallas
   Triton kernel that loads each row once (`layers.RMS_NORM_FORWARD`); and the same with the residual add
   before it (h = x + a, then the norm of h; in the train step XLA folds that add into the matmul making
-  `a`, after copying x, so this group times the kernel's side alone).
+  `a`, after copying x, so this group times the kernel's side alone). The norm's backward pass with the
+  residual stream's gradient added: XLA's two passes against the kernel that loads each row once
+  (`layers.RMS_NORM_BACKWARD`) at several rows per program.
 
 Off a GPU the Pallas kernels run in their interpreter: slow, and timed only to check them.
 
@@ -111,6 +113,29 @@ def add_rms_norm_forms():
             "Pallas Triton kernel (4 warps)": lambda x, a, s: rowwise.add_rms_norm(x, a, s, 1e-5, num_warps=4)[:2]}
 
 
+def rms_norm_backward_forms():
+    import jax.numpy as jnp
+
+    from phi3_jax.model import layers
+    from phi3_jax.ops import rowwise
+
+    def xla(x, r, s, dy, dres):
+        return layers._rms_norm_grads((x, s, r), dy, dres)  # in the default form (RMS_NORM_BACKWARD "xla")
+
+    def kernel(rows, num_warps=8):
+        def grads(x, r, s, dy, dres):
+            dx, ds_GD = rowwise.rms_norm_backward(x, r, s, dy, dres, rows=rows, num_warps=num_warps)
+            return dx, jnp.sum(ds_GD, axis=0).astype(s.dtype)
+
+        return grads
+
+    return {"XLA (phi3_jax's default: the rows' dot products, then dx and d scale)": xla,
+            "Pallas Triton kernel (32 rows a program, 8 warps: its default)": kernel(32),
+            "Pallas Triton kernel (16 rows a program)": kernel(16),
+            "Pallas Triton kernel (64 rows a program)": kernel(64),
+            "Pallas Triton kernel (32 rows a program, 4 warps)": kernel(32, 4)}
+
+
 def swiglu_backward_forms():
     import jax
     import jax.numpy as jnp
@@ -145,12 +170,15 @@ def run(shape: dict, iters: int) -> list[dict]:
     import numpy as np
 
     B, T, V, I, D = shape["batch"], shape["seq"], shape["vocab"], shape["ffn"], shape["hidden"]
-    k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
+    k1, k2, k3, k4, k5, k6 = jax.random.split(jax.random.key(0), 6)
     logits = (3 * jax.random.normal(k1, (B, T, V), jnp.float32)).astype(jnp.bfloat16)
     targets = jax.random.randint(k4, (B, T), 0, V)
     scale = jnp.full((B, T), 1.0 / (B * T), jnp.float32)
     x = jax.random.normal(k5, (B, T, D), jnp.float32).astype(jnp.bfloat16)
     a = jax.random.normal(k1, (B, T, D), jnp.float32).astype(jnp.bfloat16)
+    d_res = jax.random.normal(k6, (B, T, D), jnp.float32).astype(jnp.bfloat16)
+    x32 = x.astype(jnp.float32)
+    inv_norm = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
     norm_scale = jnp.linspace(0.5, 1.5, D, dtype=jnp.float32).astype(jnp.bfloat16)
     z = jax.random.normal(k2, (B, T, 2 * I), jnp.float32).astype(jnp.bfloat16)
     dh = jax.random.normal(k3, (B, T, I), jnp.float32).astype(jnp.bfloat16)
@@ -159,7 +187,9 @@ def run(shape: dict, iters: int) -> list[dict]:
                2 * logits.nbytes + B * T * 16),
               ("SwiGLU backward", swiglu_backward_forms(), (z, dh), 2 * z.nbytes + dh.nbytes),
               ("RMSNorm forward", rms_norm_forms(), (x, norm_scale), 2 * x.nbytes),
-              ("residual add + RMSNorm forward", add_rms_norm_forms(), (x, a, norm_scale), 4 * x.nbytes)]
+              ("residual add + RMSNorm forward", add_rms_norm_forms(), (x, a, norm_scale), 4 * x.nbytes),
+              ("RMSNorm backward (with the residual's gradient)", rms_norm_backward_forms(),
+               (x, inv_norm, norm_scale, a, d_res), 4 * x.nbytes)]
     rows = []
     def relative(a, b):
         return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))

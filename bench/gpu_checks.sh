@@ -15,7 +15,7 @@
 # capped at 600 s, so split the list over calls, most important first. On an H100 (jax 0.11.2) the steps
 # took: env 15 s, fused over 150 (about 15 s a cuDNN case), train 65, train_packed 35, train_notriton 41,
 # train_profile 12, one train_flags or train_forms variant 20, train_breakdown 30, kernels over 112,
-# attention 157 (train_forms, seven variants: about 140); e.g. in two calls, about 270 s and 450 s:
+# attention 157 (train_forms, eight variants: about 160); e.g. in two calls, about 290 s and 450 s:
 #   STEPS="env train_forms train_notriton train_profile elementwise" bash bench/gpu_checks.sh "$OUT"
 #   FORMS="--form ..." STEPS="fused train_packed kernels" bash bench/gpu_checks.sh "$OUT"
 # FORMS (bench/train_step.py --form flags) applies to train_notriton and train_profile; without it they
@@ -56,8 +56,9 @@ step fused 300 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py test
 # alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines, and
 # "median step, flags" lines in OUTDIR/forms.tsv. Without FORMS, the later steps take the fastest.
 step train_forms 300 bash -c ': >"$1/forms.tsv"; for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
-    "--form rms_norm_forward=kernel" "--form swiglu_backward=halves" "--form logsumexp=two_reductions" \
-    "--form logsumexp=kernel --form swiglu_backward=kernel --form rms_norm_forward=kernel"; do
+    "--form rms_norm_forward=kernel" "--form rms_norm_backward=kernel" "--form swiglu_backward=halves" \
+    "--form logsumexp=two_reductions" \
+    "--form logsumexp=kernel --form swiglu_backward=kernel --form rms_norm_forward=kernel --form rms_norm_backward=kernel"; do
   echo "forms: ${f:-default}"
   r=$(XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
       grep -E "RESULT|Error")

@@ -247,7 +247,8 @@ def batch_parallel(fn: Callable, *arrays, split_heads: bool = False):
     on its own rows. With `split_heads` (kernels whose heads are independent and alike), the [B, T, heads,
     H] arrays are also split over the activation heads axes (tensor parallelism) where those divide every
     array's head count, so no device gathers the others' heads. Outside the context, or on one device, it
-    is a plain call. The output is sharded like the first array.
+    is a plain call. Every output's leading dimension is split like the batch (with `split_heads`, outputs
+    are sharded like the first array).
     """
     ctx = _ACTIVATION_CONTEXT.get()
     if ctx is None or ctx[0].size == 1:
@@ -257,7 +258,8 @@ def batch_parallel(fn: Callable, *arrays, split_heads: bool = False):
     heads = _head_axes(mesh, rules, arrays) if split_heads else ()
     specs = tuple(P(batch, None, heads or None, None) if a.ndim == 4 else P(batch, *([None] * (a.ndim - 1)))
                   for a in arrays)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
+    out_specs = specs[0] if split_heads else P(batch)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*arrays)
 
 
 def context_axes(logical: str) -> tuple[str, ...]:

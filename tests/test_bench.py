@@ -87,7 +87,7 @@ def test_elementwise_bench_checks_each_form_and_appends(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ops = ("| logsumexp", "| SwiGLU", "| loss rows", "| RMSNorm", "| residual add + RMSNorm")
     rows = [line for line in results.read_text().splitlines() if line.startswith(ops)]
-    assert len(rows) == 25 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
+    assert len(rows) == 30 and "- command: `python bench/elementwise.py --iters 1" in results.read_text()
 
 
 def test_elementwise_bench_refuses_a_form_that_differs(monkeypatch):

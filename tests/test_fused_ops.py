@@ -286,6 +286,7 @@ def test_rms_norm_kernel_under_a_mesh(monkeypatch):
     from phi3_jax import sharding as shd
 
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", "kernel")
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", "kernel")  # d scale: partial sums from every shard
     r = np.random.default_rng(8)
     x = jnp.asarray(r.normal(size=(8, 4, 48)) + 0.5, jnp.float32)
     scale = jnp.asarray(1 + 0.1 * r.normal(size=(48,)), jnp.float32)
@@ -306,6 +307,7 @@ def test_add_rms_norm_kernel_under_a_mesh(monkeypatch):
     from phi3_jax import sharding as shd
 
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", "kernel")
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", "kernel")
     r = np.random.default_rng(9)
     x, a, wh, wy = (jnp.asarray(r.normal(size=(8, 4, 48)), jnp.float32) for _ in range(4))
     scale = jnp.asarray(1 + 0.1 * r.normal(size=(48,)), jnp.float32)
@@ -321,12 +323,15 @@ def test_add_rms_norm_kernel_under_a_mesh(monkeypatch):
                      want)
 
 
+@pytest.mark.parametrize("backward", layers.RMS_NORM_BACKWARD_FORMS)
 @pytest.mark.parametrize("form", layers.RMS_NORM_FORWARD_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_add_rms_norm_value_and_gradients_match_autodiff_of_add_then_norm(dtype, tol, form, monkeypatch):
+def test_add_rms_norm_value_and_gradients_match_autodiff_of_add_then_norm(dtype, tol, form, backward, monkeypatch):
     """h = x + a and the norm of h from one op: the values of the add (rounded to x's dtype) then the norm,
-    and the gradients of both outputs' uses (h's two cotangents summed) as autodiff's."""
+    and the gradients of both outputs' uses (h's two cotangents summed) as autodiff's, in every form of
+    the forward and backward passes."""
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", form)
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", backward)
     r = np.random.default_rng(1)
     x = jnp.asarray(r.normal(size=(2, 8, 96)) * 2 + 0.5, dtype)
     a = jnp.asarray(r.normal(size=(2, 8, 96)), dtype)
@@ -359,11 +364,35 @@ def test_add_rms_norm_value_and_gradients_match_autodiff_of_add_then_norm(dtype,
                                    atol=tol * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
 
 
-def test_add_rms_norm_kernel_refuses_unlike_operands():
+def test_norm_kernels_refuse_unlike_operands():
     from phi3_jax.ops import rowwise
 
+    x, r, s = jnp.ones((1, 2, 8)), jnp.ones((1, 2, 1)), jnp.ones((8,))
     with pytest.raises(ValueError, match="is not like x"):
-        rowwise.add_rms_norm(jnp.ones((1, 2, 8)), jnp.ones((1, 2, 4)), jnp.ones((8,)), 1e-5)
+        rowwise.add_rms_norm(x, jnp.ones((1, 2, 4)), s, 1e-5)
+    with pytest.raises(ValueError, match="dy .* is not like x"):
+        rowwise.rms_norm_backward(x, r, s, jnp.ones((1, 2, 4)))
+    with pytest.raises(ValueError, match="dres .* is not like x"):
+        rowwise.rms_norm_backward(x, r, s, x, x.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="rows=0"):
+        rowwise.rms_norm_backward(x, r, s, x, rows=0)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 32])
+def test_rms_norm_backward_kernel_walks_every_row_once(rows):
+    """Row counts that do not divide the rows (2 x 9): every dx row written, d scale summed once per row,
+    against the XLA formula."""
+    from phi3_jax.ops import rowwise
+
+    r = np.random.default_rng(2)
+    x, dy, dres = (jnp.asarray(r.normal(size=(2, 9, 40)) + 0.3, jnp.float32) for _ in range(3))
+    scale = jnp.asarray(1 + 0.1 * r.normal(size=(40,)), jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5)
+    with_xla = layers._rms_norm_grads((x, scale, inv), dy, dres)
+    dx, dscale_GD = rowwise.rms_norm_backward(x, inv, scale, dy, dres, rows=rows)
+    assert dscale_GD.shape == (-(-18 // rows), 40)
+    np.testing.assert_allclose(dx, with_xla[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.sum(dscale_GD, axis=0), with_xla[1], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_kernel_forms_are_refused(monkeypatch):
@@ -373,20 +402,27 @@ def test_unknown_kernel_forms_are_refused(monkeypatch):
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", "fast")
     with pytest.raises(ValueError, match="RMS_NORM_FORWARD='fast'"):
         layers.rms_norm(jnp.ones((1, 2, 8)), jnp.ones((8,)), 1e-5)
+    monkeypatch.setattr(layers, "RMS_NORM_FORWARD", "xla")
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="RMS_NORM_BACKWARD='fast'"):
+        jax.grad(lambda x: jnp.sum(layers.rms_norm(x, jnp.ones((8,)), 1e-5)))(jnp.ones((1, 2, 8)))
     monkeypatch.setattr(cross_entropy, "LOGSUMEXP", "fast")
     x, w, t, m = _inputs()
     with pytest.raises(ValueError, match="LOGSUMEXP='fast'"):
         head_loss(x, w, t, m)
 
 
+@pytest.mark.parametrize("backward", layers.RMS_NORM_BACKWARD_FORMS)
 @pytest.mark.parametrize("form", layers.RMS_NORM_FORWARD_FORMS)
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, form, monkeypatch):
-    """The hand-written backward pass, after either forward (XLA's, or the Pallas kernel: a Triton kernel
-    on a GPU may sum the squares in another order, so within a few roundings of x's dtype there)."""
+def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, form, backward, monkeypatch):
+    """The hand-written backward pass in either form (XLA's, or the Pallas kernel), after either forward
+    (a Triton kernel on a GPU may sum the squares in another order, so within a few roundings of x's dtype
+    there)."""
     from phi3_jax.model.layers import rms_norm
 
     monkeypatch.setattr(layers, "RMS_NORM_FORWARD", form)
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", backward)
     r = np.random.default_rng(0)
     x = jnp.asarray(r.normal(size=(2, 8, 64)) * 2 + 0.5, dtype)
     scale = jnp.asarray(1 + 0.1 * r.normal(size=(64,)), dtype)
@@ -414,7 +450,8 @@ def test_rms_norm_value_and_gradients_match_autodiff_of_the_formula(dtype, tol, 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("forms", [{}, {"SWIGLU_BACKWARD": "kernel", "LOGSUMEXP": "kernel",
-                                       "RMS_NORM_FORWARD": "kernel"}], ids=["default_forms", "kernel_forms"])
+                                       "RMS_NORM_FORWARD": "kernel", "RMS_NORM_BACKWARD": "kernel"}],
+                         ids=["default_forms", "kernel_forms"])
 def test_model_with_fused_backward_passes_matches_jax_autodiff(monkeypatch, forms, scan_layers):
     """The GPU path (layers.FUSED_BACKWARD) through the whole model, in the default forms and with the
     Pallas row kernels, layers scanned or unrolled (each residual add then runs in the next norm's op):

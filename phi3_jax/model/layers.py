@@ -159,16 +159,27 @@ def rms_norm(x_BTD, scale_D, eps: float):
 # is split over devices). bench/train_step.py --form rms_norm_forward=... times them.
 RMS_NORM_FORWARD = "xla"
 RMS_NORM_FORWARD_FORMS = ("xla", "kernel")
+# How their backward passes run: "xla" (a pass for the rows' dot products, then one for dx and the partial
+# sums of d scale, each reading x and d y) or "kernel" (`ops.rowwise.rms_norm_backward`, each row loaded
+# once; "xla" where the hidden axis is split). bench/train_step.py --form rms_norm_backward=...
+RMS_NORM_BACKWARD = "xla"
+RMS_NORM_BACKWARD_FORMS = ("xla", "kernel")
 
 
-def _rms_norm_kernel_applies(x_BTD) -> bool:
-    if RMS_NORM_FORWARD not in RMS_NORM_FORWARD_FORMS:
-        raise ValueError(f"layers.RMS_NORM_FORWARD={RMS_NORM_FORWARD!r}: must be one of {RMS_NORM_FORWARD_FORMS}")
-    return RMS_NORM_FORWARD == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed")
+def _form(name: str) -> str:
+    """The value of this module's form constant `name`, checked against its `name`_FORMS."""
+    value, forms = globals()[name], globals()[name + "_FORMS"]
+    if value not in forms:
+        raise ValueError(f"layers.{name}={value!r}: must be one of {forms}")
+    return value
+
+
+def _norm_kernel_applies(name: str, x_BTD) -> bool:
+    return _form(name) == "kernel" and x_BTD.ndim == 3 and not shd.context_axes("activation_embed")
 
 
 def _rms_norm_fwd(x_BTD, scale_D, eps):
-    if _rms_norm_kernel_applies(x_BTD):
+    if _norm_kernel_applies("RMS_NORM_FORWARD", x_BTD):
         from phi3_jax.ops import rowwise
 
         y_BTD, r_BT1 = shd.batch_parallel(lambda x: rowwise.rms_norm(x, scale_D, eps), x_BTD)
@@ -179,14 +190,27 @@ def _rms_norm_fwd(x_BTD, scale_D, eps):
     return y_BTD, (x_BTD, scale_D, r_BT1)
 
 
-def _rms_norm_bwd(eps, res, dy_BTD):
+def _rms_norm_grads(res, dy_BTD, dres_BTD=None):
+    """(dx, d scale) of rms_norm from its residuals and d y; `dres_BTD`, the cotangent of a residual stream
+    that is x itself, is added to dx (in x's dtype, as autodiff sums a value's cotangents)."""
     x_BTD, scale_D, r_BT1 = res
+    if _norm_kernel_applies("RMS_NORM_BACKWARD", x_BTD):
+        from phi3_jax.ops import rowwise
+
+        arrays = (x_BTD, r_BT1, dy_BTD) + (() if dres_BTD is None else (dres_BTD,))
+        dx_BTD, dscale_GD = shd.batch_parallel(
+            lambda x, r, dy, *dres: rowwise.rms_norm_backward(x, r, scale_D, dy, *dres), *arrays)
+        return dx_BTD, jnp.sum(dscale_GD, axis=0).astype(scale_D.dtype)
     x32, dy32 = x_BTD.astype(jnp.float32), dy_BTD.astype(jnp.float32)
     n_BTD = x32 * r_BT1
     dscale_D = jnp.sum(dy32 * n_BTD.astype(x_BTD.dtype).astype(jnp.float32), axis=tuple(range(x_BTD.ndim - 1)))
     dn_BTD = dy32 * scale_D.astype(x_BTD.dtype).astype(jnp.float32)
-    dx_BTD = r_BT1 * (dn_BTD - n_BTD * jnp.mean(dn_BTD * n_BTD, axis=-1, keepdims=True))
-    return dx_BTD.astype(x_BTD.dtype), dscale_D.astype(scale_D.dtype)
+    dx_BTD = (r_BT1 * (dn_BTD - n_BTD * jnp.mean(dn_BTD * n_BTD, axis=-1, keepdims=True))).astype(x_BTD.dtype)
+    return dx_BTD if dres_BTD is None else dres_BTD + dx_BTD, dscale_D.astype(scale_D.dtype)
+
+
+def _rms_norm_bwd(eps, res, dy_BTD):
+    return _rms_norm_grads(res, dy_BTD)
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
@@ -203,7 +227,7 @@ def add_rms_norm(x_BTD, a_BTD, scale_D, eps: float):
 
 
 def _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps):
-    if _rms_norm_kernel_applies(x_BTD):
+    if _norm_kernel_applies("RMS_NORM_FORWARD", x_BTD):
         from phi3_jax.ops import rowwise
 
         h_BTD, y_BTD, r_BT1 = shd.batch_parallel(lambda x, a: rowwise.add_rms_norm(x, a, scale_D, eps), x_BTD, a_BTD)
@@ -215,8 +239,7 @@ def _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps):
 
 def _add_rms_norm_bwd(eps, res, cts):
     dh_BTD, dy_BTD = cts
-    dx_BTD, dscale_D = _rms_norm_bwd(eps, res, dy_BTD)
-    dx_BTD = dh_BTD + dx_BTD  # h's two uses, as autodiff of `x + a` then the norm sums them
+    dx_BTD, dscale_D = _rms_norm_grads(res, dy_BTD, dh_BTD)  # h's two uses: the norm and the residual stream
     return dx_BTD, dx_BTD, dscale_D
 
 
@@ -366,11 +389,10 @@ def _swiglu_fwd(z_BTF):
 
 
 def _swiglu_bwd(z_BTF, dh_BTI):
-    if SWIGLU_BACKWARD not in SWIGLU_BACKWARD_FORMS:
-        raise ValueError(f"layers.SWIGLU_BACKWARD={SWIGLU_BACKWARD!r}: must be one of {SWIGLU_BACKWARD_FORMS}")
-    if SWIGLU_BACKWARD == "halves":
+    form = _form("SWIGLU_BACKWARD")
+    if form == "halves":
         return (jnp.concatenate(swiglu_backward_halves(z_BTF, dh_BTI), axis=-1),)
-    if SWIGLU_BACKWARD == "kernel" and not shd.context_axes("activation_mlp"):
+    if form == "kernel" and not shd.context_axes("activation_mlp"):
         from phi3_jax.ops.rowwise import swiglu_backward
 
         return (shd.batch_parallel(swiglu_backward, z_BTF, dh_BTI),)

@@ -105,8 +105,7 @@ def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
     if _kernel_rows(plain):
         from phi3_jax.ops.rowwise import row_logsumexp
 
-        # [B, T, 1]: batch_parallel shards the output like its input
-        return shd.batch_parallel(lambda r: row_logsumexp(r)[..., None], raw_BTV)[..., 0]
+        return shd.batch_parallel(row_logsumexp, raw_BTV)
     form = logsumexp_form()
     return _logsumexp(logits_BTV, "one_read" if form == "kernel" else form)
 
@@ -126,13 +125,9 @@ def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
     if _kernel_rows(divisor == 1.0 and not dummy_ids):
         from phi3_jax.ops.rowwise import row_xent_grad
 
-        def rows(r_BTV, t_BT, m_BT):
-            lse_BT, d_BTV = row_xent_grad(r_BTV, t_BT, m_BT)
-            return lse_BT[..., None], d_BTV  # both [B, T, .]: batch_parallel shards outputs like its input
-
-        lse_BT1, dlogits_BTV = shd.batch_parallel(rows, raw_BTV, targets_BT, mask_BT)
+        lse_BT, dlogits_BTV = shd.batch_parallel(row_xent_grad, raw_BTV, targets_BT, mask_BT)
         target_BT = jnp.take_along_axis(raw_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
-        return jnp.sum((lse_BT1[..., 0] - target_BT) * mask_BT), shd.constrain(dlogits_BTV, shd.ACT_BTV)
+        return jnp.sum((lse_BT - target_BT) * mask_BT), shd.constrain(dlogits_BTV, shd.ACT_BTV)
     logits_BTV, loss, lse_BT = _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids)
     dlogits_BTV = dlogits(logits_BTV, lse_BT, targets_BT, mask_BT / divisor)
     return loss, shd.constrain(dlogits_BTV.astype(x_BTD.dtype), shd.ACT_BTV)

@@ -12,12 +12,16 @@
 - `add_rms_norm(x_BTD, a_BTD, scale_D, eps)` = (h = x + a, then rms_norm of h): a residual add and the
   norm after it, where XLA copies the residual so that the matmul producing `a` can add it in place, then
   reads h twice for the norm.
+- `rms_norm_backward(x_BTD, r_BT1, scale_D, dy_BTD[, dres_BTD])` = (dx, d scale) of the norm, with a residual
+  cotangent added to dx: each row loaded once, where XLA reads x and d y twice (the rows' dot product, then
+  dx and d scale). A program walks several rows and writes its share of d scale.
 - `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
 
-One program per row (a `vmap` of the kernel). `interpret` (default: off a GPU) runs them in Pallas'
-interpreter, on any backend. None has a gradient: they are the insides of hand-written backward passes.
+One program per row (a `vmap` of the kernel; the norm's backward: a few rows a program). `interpret`
+(default: off a GPU) runs them in Pallas' interpreter, on any backend. None has a gradient: they are the
+insides of hand-written backward passes.
 """
 from __future__ import annotations
 
@@ -169,6 +173,61 @@ def add_rms_norm(x_BTD, a_BTD, scale_D, eps: float, *, num_warps: int = 8, inter
                           compiler_params=_params(num_warps), interpret=_interpret(interpret), name="add_rms_norm")
     h_RD, y_RD, r_R = jax.vmap(call, in_axes=(0, 0, None))(x_BTD.reshape(B * T, D), a_BTD.reshape(B * T, D), scale_D)
     return h_RD.reshape(B, T, D), y_RD.reshape(B, T, D), r_R.reshape(B, T, 1)
+
+
+def _rms_norm_backward_kernel(x_ref, r_ref, s_ref, dy_ref, *rest, block: int, rows: int, residual: bool):
+    plt = _triton()
+    dr_ref, dx_ref, ds_ref = rest if residual else (None, *rest)
+    N, D = x_ref.shape
+    idx_K = jnp.arange(block)
+    mask_K = idx_K < D
+    s_K = plt.load(s_ref.at[idx_K], mask=mask_K, other=0).astype(dx_ref.dtype).astype(jnp.float32)
+    first = pl.program_id(0) * rows
+
+    def body(i, ds_K):
+        row = first + i
+        m_K = mask_K & (row < N)  # past the last row: zeros in, nothing out
+        x_K = plt.load(x_ref.at[row, idx_K], mask=m_K, other=0).astype(jnp.float32)
+        dy_K = plt.load(dy_ref.at[row, idx_K], mask=m_K, other=0).astype(jnp.float32)
+        r = plt.load(r_ref.at[jnp.minimum(row, N - 1)])
+        n_K = x_K * r
+        dn_K = dy_K * s_K
+        dx_K = (r * (dn_K - n_K * (jnp.sum(dn_K * n_K) / D))).astype(dx_ref.dtype)
+        if residual:
+            dx_K = (dx_K.astype(jnp.float32)
+                    + plt.load(dr_ref.at[row, idx_K], mask=m_K, other=0).astype(jnp.float32)).astype(dx_ref.dtype)
+        plt.store(dx_ref.at[row, idx_K], dx_K, mask=m_K)
+        return ds_K + dy_K * n_K.astype(dx_ref.dtype).astype(jnp.float32)
+
+    ds_K = jax.lax.fori_loop(0, rows, body, jnp.zeros((block,), jnp.float32))
+    plt.store(ds_ref.at[pl.program_id(0), idx_K], ds_K, mask=mask_K)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "num_warps", "interpret"))
+def rms_norm_backward(x_BTD, r_BT1, scale_D, dy_BTD, dres_BTD=None, *, rows: int = 32, num_warps: int = 8,
+                      interpret: bool | None = None):
+    """(dx [B, T, D] in x's dtype, float32 [programs, D] whose sum over programs is d scale) of
+    y = rms_norm(x) (float32 inverse norm r) for d y, plus `dres_BTD` (the cotangent of a residual stream
+    that is x itself) added to dx in x's dtype.
+
+    Each program walks `rows` rows, each loaded once (x, d y, and d res), and writes its rows' share of
+    d scale (summed by the caller, also across devices); XLA's form reads x and d y once for the rows' dot
+    product and again for dx and d scale."""
+    B, T, D = x_BTD.shape
+    if rows < 1:
+        raise ValueError(f"rows={rows} must be positive")
+    for name, a in (("dy", dy_BTD), ("dres", dres_BTD)):
+        if a is not None and (a.shape != x_BTD.shape or a.dtype != x_BTD.dtype):
+            raise ValueError(f"rms_norm_backward: {name} {a.dtype}{a.shape} is not like x {x_BTD.dtype}{x_BTD.shape}")
+    N, residual = B * T, dres_BTD is not None
+    G = pl.cdiv(N, rows)
+    call = pl.pallas_call(
+        functools.partial(_rms_norm_backward_kernel, block=pl.next_power_of_2(D), rows=rows, residual=residual),
+        out_shape=(jax.ShapeDtypeStruct((N, D), x_BTD.dtype), jax.ShapeDtypeStruct((G, D), jnp.float32)),
+        grid=(G,), compiler_params=_params(num_warps), interpret=_interpret(interpret), name="rms_norm_backward")
+    operands = [x_BTD.reshape(N, D), r_BT1.reshape(N).astype(jnp.float32), scale_D, dy_BTD.reshape(N, D)]
+    dx_ND, ds_GD = call(*operands, *([dres_BTD.reshape(N, D)] if residual else []))
+    return dx_ND.reshape(B, T, D), ds_GD
 
 
 def _swiglu_backward_kernel(z_ref, dh_ref, o_ref, *, block: int):
