@@ -98,7 +98,7 @@ def test_bf16_compute_copy_is_the_cast_master_and_steps_like_casting_in_the_step
     b = shd.make_global_batch(mesh, _batch(), 8)
     tx, _ = optim.make_optimizer(ts.split_model(abstract_model(CFG))[1], lr=3e-3, steps=100, warmup_steps=0,
                                  weight_decay=0.1)  # as _fns makes it
-    plain = jax.jit(ts.make_train_step(ts.graphdef_of(CFG), tx, compute_dtype="bfloat16", grad_accum=2))
+    plain = jax.jit(ts.make_train_step(ts.graphdef_of(CFG), tx, compute_dtype="bfloat16", grad_accum=2, mesh=mesh))
     without = {k: v for k, v in jax.tree.map(np.asarray, state).items() if k != "compute_params"}
     for _ in range(2):
         state, m = f.train_step(state, b)

@@ -151,12 +151,17 @@ def _unchunk(a):
     return jnp.swapaxes(a, 0, 1).reshape(B, n * t, *a.shape[3:])
 
 
-def _grads(x_BTD, w_DV, dlogits_BTV):
-    dx_BTD = jnp.dot(dlogits_BTV, w_DV.astype(dlogits_BTV.dtype).T, preferred_element_type=jnp.float32)
+def _grads(x_BTD, w_DV, dlogits_BTV, accumulate: bool):
+    """(dx, dw): float32 where more sums follow (`accumulate`: over chunks, or across the devices that hold
+    the rows or the vocabulary), else in x's and w's dtypes: the matmuls then round their float32 sums
+    once, where a float32 output would double the bytes the optimizer and the gradient norm read of the
+    head's weight gradient."""
+    dx_BTD = jnp.dot(dlogits_BTV, w_DV.astype(dlogits_BTV.dtype).T,
+                     preferred_element_type=jnp.float32 if accumulate else x_BTD.dtype)
     # Over flattened rows: on [B, T, .] operands XLA:CPU first copies x transposed (GPU and TPU compile
     # either form the same).
     dw_DV = jnp.dot(x_BTD.reshape(-1, x_BTD.shape[-1]).T, dlogits_BTV.reshape(-1, dlogits_BTV.shape[-1]),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32 if accumulate else w_DV.dtype)
     return dx_BTD, dw_DV
 
 
@@ -182,20 +187,22 @@ def _fwd(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids, chunks):
 def _bwd(divisor, dummy_ids, chunks, res, g):
     x_BTD, w_DV, dlogits_BTV, targets_BT, mask_BT = res
     if chunks == 1:
-        dx_BTD, dw_DV = _grads(x_BTD, w_DV, dlogits_BTV)
+        across_devices = any(shd.context_axes(axis) for axis in shd.ACT_BTV)  # an all-reduce adds partial sums
+        dx_BTD, dw_DV = _grads(x_BTD, w_DV, dlogits_BTV, accumulate=across_devices)
     else:
         def body(dw, xs):
             x, t, m = xs
             dlogits = _loss_and_dlogits(x, w_DV, t, m, divisor, dummy_ids)[1]
-            dx, dw_c = _grads(x, w_DV, dlogits)
+            dx, dw_c = _grads(x, w_DV, dlogits, accumulate=True)
             return dw + dw_c, dx
 
         xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(mask_BT, chunks))
         dw_DV, dx_nBtD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
         dx_BTD = _unchunk(dx_nBtD)
-    # Scaled in float32: g is typically 1 / tokens, which bf16 would round by up to 0.4%.
-    dx_BTD = (dx_BTD * g).astype(x_BTD.dtype)
-    dw_DV = (dw_DV * g).astype(w_DV.dtype)
+    # Scaled in float32: g is typically 1 / tokens, which bf16 would round by up to 0.4% (the train step
+    # differentiates the loss sum: g = 1, and the gradients are the matmuls' own roundings).
+    dx_BTD = (dx_BTD.astype(jnp.float32) * g).astype(x_BTD.dtype)
+    dw_DV = (dw_DV.astype(jnp.float32) * g).astype(w_DV.dtype)
     return dx_BTD, dw_DV, None, None
 
 
