@@ -12,9 +12,9 @@
 - `add_rms_norm(x_BTD, a_BTD, scale_D, eps)` = (h = x + a, then rms_norm of h): a residual add and the
   norm after it, where XLA copies the residual so that the matmul producing `a` can add it in place, then
   reads h twice for the norm.
-- `rms_norm_backward(x_BTD, r_BT1, scale_D, dy_BTD[, dres_BTD])` = (dx, d scale) of the norm, with a residual
-  cotangent added to dx: each row loaded once, where XLA reads x and d y twice (the rows' dot product, then
-  dx and d scale). A program walks several rows and writes its share of d scale.
+- `rms_norm_backward(x_BTD, r_BT1, scale_D, dy_BTD[, dres_BTD])` = (dx with a residual cotangent added, the
+  programs' shares of d scale) of the norm: each row loaded once, where XLA reads x and d y twice (the
+  rows' dot product, then dx and d scale). A program walks several rows.
 - `swiglu_backward(z_BTF, dh_BTI)` = d [gate | up] of silu(gate) * up: each slice of a row reads gate, up
   and d out once and writes both halves of the gradient. XLA's elementwise forms either read every input
   once per output half or write the halves one after the other.
