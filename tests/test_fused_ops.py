@@ -364,6 +364,20 @@ def test_add_rms_norm_value_and_gradients_match_autodiff_of_add_then_norm(dtype,
                                    atol=tol * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
 
 
+@pytest.mark.parametrize("form", layers.RMS_NORM_BACKWARD_FORMS)
+def test_add_rms_norm_with_one_output_unused(form, monkeypatch):
+    """Only the norm used (the final norm: h's cotangent is a symbolic zero, no zero array), or only h."""
+    monkeypatch.setattr(layers, "RMS_NORM_BACKWARD", form)
+    r = np.random.default_rng(3)
+    x, a, w = (jnp.asarray(r.normal(size=(2, 5, 32)), jnp.float32) for _ in range(3))
+    scale = jnp.asarray(1 + 0.1 * r.normal(size=(32,)), jnp.float32)
+    for out in (0, 1):
+        fused = lambda x, a, s: jnp.sum(layers.add_rms_norm(x, a, s, 1e-5)[out] * w)  # noqa: E731
+        plain = lambda x, a, s: jnp.sum((x + a, layers.plain_rms_norm(x + a, s, 1e-5))[out] * w)  # noqa: E731
+        got, want = (jax.grad(f, argnums=(0, 1, 2))(x, a, scale) for f in (fused, plain))
+        jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6), got, want)
+
+
 def test_norm_kernels_refuse_unlike_operands():
     from phi3_jax.ops import rowwise
 

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from phi3_jax import sharding as shd
 from phi3_jax.model.config import ConfigError, ModelConfig
@@ -223,10 +224,14 @@ def add_rms_norm(x_BTD, a_BTD, scale_D, eps: float):
     In the "kernel" form of RMS_NORM_FORWARD one row kernel reads x and a once and writes h and the norm.
     As separate ops, XLA folds the add into the matmul that produces `a` (its output buffer starts as a
     copy of x, which XLA must make as x stays live for the backward pass) and the norm reads h again."""
-    return _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps)[0]
+    return _add_rms_norm_primal(x_BTD, a_BTD, scale_D, eps)[0]
 
 
 def _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps):
+    return _add_rms_norm_primal(x_BTD.value, a_BTD.value, scale_D.value, eps)  # (CustomVJPPrimal: see defvjp)
+
+
+def _add_rms_norm_primal(x_BTD, a_BTD, scale_D, eps):
     if _norm_kernel_applies("RMS_NORM_FORWARD", x_BTD):
         from phi3_jax.ops import rowwise
 
@@ -238,12 +243,15 @@ def _add_rms_norm_fwd(x_BTD, a_BTD, scale_D, eps):
 
 
 def _add_rms_norm_bwd(eps, res, cts):
-    dh_BTD, dy_BTD = cts
+    dh_BTD, dy_BTD = (None if isinstance(ct, SymbolicZero) else ct for ct in cts)
+    if dy_BTD is None:
+        dy_BTD = jnp.zeros(cts[1].shape, cts[1].dtype)
     dx_BTD, dscale_D = _rms_norm_grads(res, dy_BTD, dh_BTD)  # h's two uses: the norm and the residual stream
     return dx_BTD, dx_BTD, dscale_D
 
 
-add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
+# Symbolic zeros: where h goes unused (the final norm), its cotangent is not a zero array to read.
+add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd, symbolic_zeros=True)
 
 
 class Norm(nnx.Module):
