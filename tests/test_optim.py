@@ -87,11 +87,27 @@ def test_lr_multipliers_scale_updates():
     np.testing.assert_allclose(uh["lm_head"]["kernel"], ub["lm_head"]["kernel"], rtol=1e-6)
 
 
-def test_clipping_bounds_the_first_adam_step_input():
+def test_clipping_scales_gradients_to_the_clip_norm_before_adam():
+    # Adam's step hides a gradient's scale (its first step is g / |g| whatever g is), so check what clipping
+    # fed it: the first moment after one step is (1 - b1) times the clipped gradient.
     params = _params()
     tx, _ = optim.make_optimizer(params, lr=1.0, steps=10, clip_norm=1.0)
-    big = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), params)
-    state = tx.init(params)
-    u, state = tx.update(big, state, params)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
-    assert int(optim.applied_count(state)) == 1
+    for scale, want_norm in ((1e6, 1.0), (1e-3, None)):
+        g = jax.tree.map(lambda p: scale * (jnp.sin(p) + 0.5), params)
+        norm = float(optax.global_norm(g))
+        u, state = tx.update(g, tx.init(params), params)
+        (adam,) = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                   if isinstance(s, optax.ScaleByAdamState)]
+        want = (want_norm or norm) * 0.1  # clipped to norm 1 above it, untouched below
+        assert float(optax.global_norm(adam.mu)) == pytest.approx(want, rel=1e-5)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+        assert int(optim.applied_count(state)) == 1
+    # Later steps as optax's own clip-then-AdamW chain.
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+                      optax.scale_by_learning_rate(optim.make_schedule(1.0, 10, 0)))
+    s1, s2 = tx.init(params), ref.init(params)
+    for i in range(3):
+        g = jax.tree.map(lambda x: 10.0 ** (3 * i - 3) * x, _grads(params, i))
+        u1, s1 = tx.update(g, s1, params)
+        u2, s2 = ref.update(g, s2, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u1, u2)
