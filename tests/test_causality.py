@@ -19,8 +19,9 @@ from phi3_reference import longrope_factors, run_jit
 T = 24
 
 
-def influence_TS(cfg, seed: int = 0) -> np.ndarray:
-    """|d logits[t] · r / d x[s]| summed over the embedding dims: [T, S] (distinct ids, random r)."""
+def influence_TS(cfg, seed: int = 0, segment_ids_T=None, positions_T=None) -> np.ndarray:
+    """|d logits[t] · r / d x[s]| summed over the embedding dims: [T, S] (distinct ids, random r), of one
+    row, or of a packed row when segment ids and positions are given."""
     model = init_model(cfg, seed=seed)
     params = model_params(model)
     rng = np.random.RandomState(seed)
@@ -29,7 +30,9 @@ def influence_TS(cfg, seed: int = 0) -> np.ndarray:
 
     def probe_T(embedding_VD, params):
         params = {**params, "embed_tokens": {"embedding": embedding_VD}}
-        return model_from_params(cfg, params)(ids_T[None])[0] @ r_V
+        packed = {} if segment_ids_T is None else dict(segment_ids_BT=jnp.asarray(segment_ids_T)[None],
+                                                       positions_BT=jnp.asarray(positions_T)[None])
+        return model_from_params(cfg, params)(ids_T[None], **packed)[0] @ r_V
 
     # A model whose norms are not all one, so no term vanishes by symmetry.
     params = jax.tree.map(lambda a: a + 0.05 * jnp.asarray(rng.randn(*a.shape), a.dtype), params)
@@ -70,3 +73,27 @@ def test_sliding_window_stacks_over_layers():
     t, s = np.indices(g_TS.shape)
     assert np.all(g_TS[(s > t) | (t - s > 10)] == 0.0)
     assert np.all(g_TS[(t - s >= 0) & (t - s <= 10)] > 0.0)
+
+
+def test_packed_documents_never_see_each_other():
+    # A packed row of three documents: a token's logits depend on exactly the earlier tokens of its own
+    # document, and equal that document's logits on its own (positions restart at each document).
+    lengths = (7, 9, 8)
+    seg_T = np.repeat(np.arange(1, 4), lengths).astype(np.int32)
+    pos_T = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+    cfg = tiny()
+    g_TS = influence_TS(cfg, segment_ids_T=seg_T, positions_T=pos_T)
+    t, s = np.indices(g_TS.shape)
+    visible = (s <= t) & (seg_T[t] == seg_T[s])
+    assert np.all(g_TS[~visible] == 0.0)
+    assert np.all(g_TS[visible] > 0.0)
+
+    model = init_model(cfg, seed=1)
+    ids_T = np.random.RandomState(1).randint(0, cfg.vocab_size, T).astype(np.int32)
+    packed_TV = np.asarray(model(jnp.asarray(ids_T)[None], segment_ids_BT=jnp.asarray(seg_T)[None],
+                                 positions_BT=jnp.asarray(pos_T)[None]))[0]
+    for d in range(1, 4):
+        alone_TV = np.asarray(model(jnp.asarray(ids_T[seg_T == d])[None]))[0]
+        np.testing.assert_allclose(packed_TV[seg_T == d], alone_TV, rtol=1e-5, atol=1e-5)
+    unpacked_TV = np.asarray(model(jnp.asarray(ids_T)[None]))[0]
+    assert np.abs(unpacked_TV[seg_T == 3] - packed_TV[seg_T == 3]).max() > 1e-2  # the check can fail
