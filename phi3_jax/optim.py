@@ -8,7 +8,8 @@ which with every multiplier 1 is exactly `optax.adamw` (decoupled weight decay s
 rate, as in PyTorch's AdamW). `t` counts *applied* updates: a step skipped for a non-finite loss or
 gradient leaves the optimizer state, and so the schedule position, unchanged.
 
-Multipliers are the hook for muP (`phi3_jax.mup` derives them from parameter roles): each is given as a
+Multipliers are the hook for muP's per-parameter learning rates and decay (`phi3_jax.train.run` takes
+them as `lr_multipliers` / `wd_multipliers`): each is given as a
 callable `path -> float` (path like "layers/self_attn/qkv_proj/kernel") or a list of (regex, value) pairs,
 first match wins, default 1.0.
 

@@ -247,6 +247,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                     pending = None
                     eval_loss = evaluate()
                     writer.write(s, {"eval_loss": eval_loss})
+                    writer.message(f"step {s}: eval_loss {eval_loss:.4f}")
                 stop = sig.stop_requested()
                 if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
                     ckpt.save(s, state, data_state, model_cfg, r.raw)

@@ -3,9 +3,10 @@
 A config file (`configs/*.py`) defines `get_config(arg)` returning `default_config()` with its changes.
 Sections:
 
-  model      preset (a name in phi3_jax.model.PRESETS, for the record) plus every ModelConfig field,
-             filled from the preset by `model_section(preset, **overrides)` so that each one can be set
-             on the command line (--config.model.num_layers=4). vocab_size=-1 takes the tokenizer's.
+  model      preset (a name in phi3_jax.model.PRESETS; it also fills the fields the section lacks) plus every
+             ModelConfig field, filled from the preset by `model_section(preset, **overrides)` so that each
+             one can be set on the command line (--config.model.num_layers=4). vocab_size=-1 takes the
+             tokenizer's.
              param_dtype / dtype are not here: they come from `precision`.
   data       phi3_jax.data's ConfigDict (`default_data_config()`), validated by phi3_jax.data.
   train      steps, batch_size (global, in sequences), seq_len, lr, min_lr_ratio, warmup_steps,

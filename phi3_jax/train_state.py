@@ -2,7 +2,8 @@
 
 The state is a plain dict pytree (what Orbax saves and what shardings are computed for):
 
-    {"params": nested dict of float32 master weights (the model's nnx.Param state as a pure dict),
+    {"params": nested dict of master weights (precision.param_dtype, float32 by default; the model's
+         nnx.Param state as a pure dict),
      "opt_state": the optax state,
      "compute_params": (GPU meshes, when the compute dtype differs from the master weights', e.g. bf16 on
          float32) every weight but the embedding table, already cast: the optimizer update writes it in the

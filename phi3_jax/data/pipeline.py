@@ -17,10 +17,11 @@ batches in a thread (grain.experimental.ThreadPrefetchIterDataset over make_pipe
 exact batches. Do not wrap the phased dataset itself in mp_prefetch: each worker would count its own
 phase steps, multiplying the phase budgets by the number of workers.
 
-Eval split: the held-out tail of each source (the last max(1, eval_fraction * n) documents, at most
-eval_max_docs; for a filtered source, its base's tail after filtering), unshuffled and finite: each
-source packed on its own, sources in config order, the last batch padded with empty rows
-(segment_ids 0, loss_mask 0). Every process builds the same global batches and takes its slice, so all
+Eval split: the held-out tail of each source that some phase weights (or of each `eval_sources` name;
+the last max(1, eval_fraction * n) documents, at most eval_max_docs; for a filtered source, its base's
+tail after filtering), unshuffled and finite: each source packed on its own ("concat" packing, whatever
+data.packing says), sources in config order, the last batch padded with empty rows (segment_ids 0,
+loss_mask 0). Every process builds the same global batches and takes its slice, so all
 processes see the same number of eval steps.
 """
 

@@ -173,7 +173,8 @@ _FACTORIES: dict[str, Callable[..., QualityScorer]] = {}
 
 
 def register_scorer(name: str, factory: Callable[..., QualityScorer]) -> None:
-    """Make `name` usable as `data.quality.scorer` in a config; factory(model_path=..., seed=...)."""
+    """Make `name` usable as `data.quality.scorer` in a config; the pipeline calls
+    factory(model_path=..., seed=..., train_docs=...) with the `data.quality` fields of those names."""
     _FACTORIES[name] = factory
 
 
