@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,14 +57,19 @@ def test_phase_boundaries_follow_token_budgets():
 
 
 def test_mixture_shares_match_weights():
-    weights = {"textbook": 0.6, "stdlib": 0.3, "textbook_hq": 0.1}
-    cfg = _cfg([{"name": "mix", "tokens": 0, "weights": weights}])
-    it = make_pipeline(cfg, TOK, SEQ, 16, seed=0, with_source_ids=True)
-    tokens = np.zeros(3)
-    for b in itertools.islice(it, 60):
-        np.add.at(tokens, b["source_id"], (b["segment_ids"] > 0).sum(axis=1))
-    share = tokens / tokens.sum()
-    assert np.allclose(share, list(weights.values()), atol=0.01), share
+    # Each phase's token shares within 1% (relative) of its weights: a budgeted phase, then an unbounded one.
+    phases = [{"name": "a", "tokens": 40 * 16 * SEQ, "weights": {"textbook": 0.7, "stdlib": 0.3}},
+              {"name": "b", "tokens": 0, "weights": {"textbook": 0.6, "stdlib": 0.3, "textbook_hq": 0.1}}]
+    it = make_pipeline(_cfg(phases), TOK, SEQ, 16, seed=0, with_source_ids=True)
+    tokens = {"a": np.zeros(3), "b": np.zeros(3)}
+    for b in itertools.islice(it, 100):
+        np.add.at(tokens[it.phase_name], b["source_id"], (b["segment_ids"] > 0).sum(axis=1))
+    for phase in phases:
+        t = tokens[phase["name"]]
+        assert t.sum() > 0.9 * 16 * SEQ * (40 if phase["name"] == "a" else 60), phase["name"]
+        share = t / t.sum()
+        want = np.array([phase["weights"].get(n, 0.0) for n in ("textbook", "stdlib", "textbook_hq")])
+        np.testing.assert_allclose(share, want, rtol=0.01, atol=1e-12, err_msg=phase["name"])
 
 
 def test_same_seed_same_batches_different_seed_different():
@@ -109,20 +115,35 @@ def test_state_restore_at_phase_boundary():
         make_pipeline(other, TOK, SEQ, BATCH, seed=0).set_state(state)
 
 
-def test_processes_get_disjoint_slices_of_the_global_batch():
+def test_processes_get_disjoint_slices_of_the_global_batch(tmp_path):
     cfg = _cfg()
-    full = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, with_source_ids=True), 4)
     parts = [_take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0, process_index=p, process_count=2,
                                  with_source_ids=True), 4) for p in range(2)]
-    for step in range(4):
-        p0, p1 = parts[0][step], parts[1][step]
+    for p0, p1 in zip(*parts):
         assert p0["inputs"].shape == (BATCH // 2, SEQ)
-        # Processes read different documents, and agree on which source each row slot comes from.
-        assert not np.array_equal(p0["inputs"], p1["inputs"])
-        assert np.array_equal(p0["source_id"], p1["source_id"])
-    assert full[0]["inputs"].shape == (BATCH, SEQ)
+        assert np.array_equal(p0["source_id"], p1["source_id"])  # the same source in each row slot
     with pytest.raises(DataError, match="multiple of process_count"):
         make_pipeline(cfg, TOK, SEQ, 7, seed=0, process_count=2)
+
+    # Documents that name themselves: process p reads training documents p, p + 2, ... and no other.
+    path = tmp_path / "numbered.jsonl"
+    path.write_text("".join(json.dumps({"text": f"<doc {i:03d}> " * 3}) + "\n" for i in range(60)))
+    numbered = default_data_config()
+    numbered.sources = [{"name": "numbered", "kind": "jsonl", "path": str(path)}]
+    numbered.phases = [{"name": "only", "tokens": 0, "weights": {"numbered": 1.0}}]
+    numbered.read_threads = 0
+    train = {int(d["text"][5:8]) for d in source_documents(numbered, "numbered", "train")}
+    assert 50 <= len(train) < 60  # the held-out tail is not read
+
+    def seen(**kw):
+        it = make_pipeline(numbered, TOK, SEQ, BATCH, seed=0, **kw)
+        rows = [TOK.decode(row) for b in _take(it, 12) for row in b["inputs"]]
+        return {int(m) for row in rows for m in re.findall(r"<doc (\d+)>", row)}
+
+    by_process = [seen(process_index=p, process_count=2) for p in range(2)]
+    for p, got in enumerate(by_process):
+        assert got == {i for i in train if i % 2 == p}, p  # 12 steps read each process's half in full
+    assert seen() == train
 
 
 def test_eval_split_is_held_out_finite_and_padded():
