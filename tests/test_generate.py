@@ -67,6 +67,35 @@ def test_stop_ids_and_sampling():
     a = generate_ids(model, [1, 2, 3], 12, temperature=1.0, seed=1)
     b = generate_ids(model, [1, 2, 3], 12, temperature=1.0, seed=1)
     assert a == b and all(0 <= t < 64 for t in a)
+    assert generate_ids(model, [1, 2, 3], 12, temperature=1.0, seed=2) != a
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, 0), (1.0, 0), (1.0, 3)])
+def test_samples_follow_the_tempered_top_k_distribution(temperature, top_k):
+    """2048 rows of one prompt, one token each: the tokens' frequencies are softmax(logits / T) over the k
+    likeliest (total variation within sampling noise, about 0.01 here; the other settings are 0.05-0.1 off)."""
+    import numpy as np
+
+    cfg = get_preset("phi-3-tiny", vocab_size=64, initializer_range=0.5, attention_impl="xla")
+    model = init_model(cfg, seed=3)
+    prompt = [4, 4, 8]
+    logits_V = np.asarray(model(jnp.asarray([prompt], jnp.int32))[0, -1], np.float64)
+
+    def probs(t, k):
+        z = logits_V / t
+        if k:
+            z = np.where(z >= np.sort(z)[-k], z, -np.inf)
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    n = 2048
+    got = np.asarray(generate_batch(model, [prompt] * n, 1, temperature=temperature, top_k=top_k, seed=1))[:, 0]
+    freq_V = np.bincount(got, minlength=64) / n
+    assert 0.5 * np.abs(freq_V - probs(temperature, top_k)).sum() < 0.03
+    for other in {(0.7, 0), (1.0, 0), (1.0, 3)} - {(temperature, top_k)}:
+        assert 0.5 * np.abs(freq_V - probs(*other)).sum() > 0.04, other
+    if top_k:
+        assert set(got.tolist()) <= set(np.argsort(logits_V)[-top_k:].tolist())
 
 
 def test_sample_text_with_byte_tokenizer():
@@ -74,8 +103,13 @@ def test_sample_text_with_byte_tokenizer():
 
     tok = make_tokenizer("byte")
     cfg = get_preset("phi-3-tiny", vocab_size=tok.vocab_size, attention_impl="xla")
-    text = sample_text(init_model(cfg), tok, "Exercise 1:", max_new_tokens=8)
-    assert isinstance(text, str)
+    model = init_model(cfg)
+    text = sample_text(model, tok, "Exercise 1:", max_new_tokens=8)
+    # The decoded greedy continuation of the encoded prompt, up to the first stop token.
+    ids = _naive_greedy(model, tok.encode("Exercise 1:"), 8)
+    stops = set(getattr(tok, "stop_ids", ()) or (tok.eos_id,))
+    ids = ids[:min([i for i, t in enumerate(ids) if t in stops], default=len(ids))]
+    assert isinstance(text, str) and text == tok.decode(ids, skip_special=True)
 
 
 def test_cli_on_a_checkpoint_and_a_workdir(tmp_path, capsys):
