@@ -40,12 +40,14 @@ def run_cli(workdir, config="configs/tiny.py:test", overrides=None, extra=(), ti
                           text=True, timeout=timeout, **kw)
 
 
-def losses(workdir) -> dict[int, float]:
+def losses(workdir, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one metric (the loss by default) from WORKDIR/metrics.jsonl."""
     out = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    text = (Path(workdir) / "metrics.jsonl").read_text()
+    for line in text[:text.rfind("\n") + 1].splitlines():  # a running trainer may be mid-line
         row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
+        if key in row:
+            out[row["step"]] = row[key]
     return out
 
 
