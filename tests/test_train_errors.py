@@ -39,10 +39,10 @@ def test_config_file_errors_name_the_field(tmp_path):
         run(c, str(wd))
     c = _cfg()
     c.model.hiden_size = 3
-    with pytest.raises(ConfigError, match=r"config\.model\.hiden_size"):
+    with pytest.raises(ConfigError, match=r"config\.model\.hiden_size: unknown ModelConfig field"):
         run(c, str(wd))
     c = _cfg(grad_accum=3)
-    with pytest.raises(ConfigError, match="grad_accum"):
+    with pytest.raises(ConfigError, match=r"config\.train\.grad_accum=3: must divide train\.batch_size=8"):
         run(c, str(wd))
     c = _cfg(loss_chunks=3)
     with pytest.raises(ConfigError, match=r"config\.train\.loss_chunks=3: must divide train\.seq_len"):
@@ -62,7 +62,7 @@ def test_first_fit_packing_for_a_block_sparse_model(tmp_path):
 def test_missing_data_path(tmp_path):
     c = _cfg()
     c.data.sources = [dict(c.data.sources[0], name="mine", kind="jsonl", path=str(tmp_path / "nope.jsonl"))]
-    with pytest.raises(DataError, match="nope.jsonl"):
+    with pytest.raises(DataError, match=r"jsonl source 'mine': path not found: .*nope\.jsonl"):
         run(c, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
 
@@ -126,6 +126,17 @@ def test_resume_with_another_data_split_names_it(tmp_path):
     wd = tmp_path / "wd"
     assert run(_cfg(steps=2), str(wd)).status == "done"
     before = snapshot(wd)
+    # Config and data errors on a workdir with a run in it: the same messages, nothing touched (metrics.jsonl
+    # included, which a resumed run truncates to its checkpoint).
+    c = _cfg(steps=4)
+    c.train.foo = 1
+    with pytest.raises(ConfigError, match=r"config\.train\.foo: unknown field"):
+        run(c, str(wd))
+    c = _cfg(steps=4)
+    c.data.sources = [dict(c.data.sources[0], name="mine", kind="jsonl", path=str(tmp_path / "nope.jsonl"))]
+    with pytest.raises(DataError, match="path not found"):
+        run(c, str(wd))
+    assert snapshot(wd) == before
     with pytest.raises(CheckpointError, match="train.data_shards"):
         run(_cfg(steps=4, data_shards=2), str(wd))
     assert snapshot(wd) == before
