@@ -93,7 +93,7 @@ def test_missing_paths_and_bad_kinds(tmp_path):
         make_source("text", path=str(tmp_path / "*.nope"))
     with pytest.raises(DataError, match="unknown kind 'parquet'"):
         make_source("parquet", name="p", path=missing)
-    with pytest.raises(DataError, match="needs a path|path is empty"):
+    with pytest.raises(DataError, match="jsonl source 'jsonl': path is empty"):
         make_source("jsonl", path="")
 
 
