@@ -8,7 +8,7 @@ gathers from, which count the slices; a scatter or dynamic-update-slice into an 
 the elements it updates, as XLA runs it in place); a `lax.scan` (a `while` with a known trip count)
 counts its body's kernels once per iteration; a `lax.cond` counts its true branch (`--packed`: the
 cuDNN packed-layout attention batches take). It shows which kernels
-move whole activations or weights and how a model change moves the total, between GPU sessions.
+move whole activations or weights and how a model change moves the total, on a host without a GPU.
 
     pip install --target /tmp/cudaplug --no-deps jax-cuda13-pjrt==JAXVERSION jax-cuda13-plugin==JAXVERSION
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py [--unroll] [--packed] [--top 30]
