@@ -95,6 +95,8 @@ def test_round_trip_and_interface(all_tokenizers, kind):
     for attr in ("bos_id", "eos_id", "pad_id"):
         assert getattr(tok, attr) in tok.special_tokens.values()
     assert tok.special_tokens["<|end|>"] in tok.stop_ids and tok.eos_id in tok.stop_ids
+    # A lone surrogate (what JSON's "\\ud800" decodes to) encodes as U+FFFD, in every kind.
+    assert tok.encode("ab\ud800c") == tok.encode("ab\ufffdc")
     # Picklable (grain worker processes receive tokenizers by pickle).
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode(TEXTS[2]) == tok.encode(TEXTS[2]) and clone.vocab_size == tok.vocab_size
@@ -196,6 +198,13 @@ def test_config_factory_and_errors(tmp_path, bpe_path):
             make_tokenizer(kind, str(missing))
         with pytest.raises(DataError, match="needs a file path"):
             make_tokenizer(kind)
+    for kind in ("sentencepiece", "hf", "tiktoken"):
+        with pytest.raises(DataError, match=f"{re.escape(str(tmp_path))} is a folder; give the file itself"):
+            make_tokenizer(kind, str(tmp_path))
+    empty = tmp_path / "empty.tiktoken"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"not a tiktoken BPE ranks file: .*empty\.tiktoken \(no ranks in it\)"):
+        make_tokenizer("tiktoken", str(empty))
     bad = tmp_path / "bad.model"
     bad.write_text("not a model")
     with pytest.raises(DataError, match="not a SentencePiece model"):

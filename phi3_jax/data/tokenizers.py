@@ -67,9 +67,23 @@ def _check_file(path, what: str) -> Path:
     if path is None or str(path) == "":
         raise DataError(f"{what} needs a file path (tokenizer.path is empty)")
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{what}: {p} is a folder; give the file itself")
     if not p.is_file():
         raise DataError(f"{what} file not found: {p}")
     return p
+
+
+def _checked_text(text) -> str:
+    """`text`, with any lone surrogate (JSON's "\\ud800" decodes to one) replaced by U+FFFD, as tiktoken
+    does: no UTF-8 encoder takes one, and one stray record must not stop a pipeline."""
+    if not isinstance(text, str):
+        raise DataError(f"encode expects str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _rebuild(cls, kwargs):
@@ -98,6 +112,7 @@ class Tokenizer(abc.ABC):
             raise DataError(f"unknown chat template {chat_template!r}; known: {CHAT_TEMPLATES}")
         self.chat_template = chat_template
         stops = [self.special_tokens[t] for t in stop_tokens if t in self.special_tokens] + list(extra_stop_ids)
+        stops.append(self.special_tokens[eos_token])  # a document's end always stops sampling
         self.stop_ids = tuple(dict.fromkeys(stops))
         self.dummy_ids = tuple(dummy_ids)
         # Longest first, so "<|endoftext|>" wins over any special that is its prefix.
@@ -131,8 +146,7 @@ class Tokenizer(abc.ABC):
         """Text of ids that contain no special tokens."""
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise DataError(f"encode expects str, got {type(text).__name__}")
+        text = _checked_text(text)
         if not allow_special or self._special_re is None:
             return self._encode_ordinary(text)
         out: list[int] = []
@@ -256,7 +270,8 @@ class HFTokenizer(Tokenizer):
         specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         eos = eos_token or next((t for t in (ENDOFTEXT, "</s>") if t in specials), None)
         if eos is None:
-            raise DataError(f"{p}: no <|endoftext|> or </s> special token; pass eos_token")
+            raise DataError(f"{p}: no <|endoftext|> or </s> special token to end documents with (a tokenizer "
+                            "without one needs HFTokenizer(path, eos_token=...))")
         bos = bos_token or ("<s>" if "<s>" in specials else eos)
         extra = PHI3_MINI_STOP_IDS if specials.get(ASSISTANT) == 32001 else ()
         super().__init__(special_tokens=specials, bos_token=bos, eos_token=eos, pad_token=pad_token or eos,
@@ -272,8 +287,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids])
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise DataError(f"encode expects str, got {type(text).__name__}")
+        text = _checked_text(text)
         if not allow_special:
             return self._encode_ordinary(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -308,6 +322,8 @@ class TiktokenTokenizer(Tokenizer):
             ranks = load_tiktoken_bpe(str(p), expected_hash=digest)
         except ValueError as e:
             raise DataError(f"not a tiktoken BPE ranks file: {p} ({e})") from None
+        if not ranks:
+            raise DataError(f"not a tiktoken BPE ranks file: {p} (no ranks in it)")
         if preset == "phi3-small":
             specials, vocab, template, dummies = (PHI3_SMALL_SPECIAL_TOKENS, PHI3_SMALL_VOCAB_SIZE,
                                                   "phi3-small", PHI3_SMALL_DUMMY_IDS)
