@@ -24,6 +24,7 @@ from phi3_jax.convert.__main__ import main as convert_main
 from phi3_jax.convert.hf import generation_config, read_hf, weight_files, write_hf
 from phi3_jax.model import ConfigError, get_preset, init_model
 from phi3_reference import hf_logits, load_hf, longrope_factors, make_hf, random_ids, rel_err, run_jit
+from train_helpers import snapshot
 
 
 def _longrope(head_dim: int = 16) -> dict:
@@ -299,6 +300,13 @@ def test_output_exists(tmp_path, ckpt, capsys):
     assert _cli("export-hf", "--ckpt", ckpt, "--out", out, "--force") == 0
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    # --force never replaces the folder it reads from, or one that holds it.
+    before = snapshot(ckpt.parent)
+    for cmd, src, dst in (("export-hf", ckpt, ckpt), ("export-hf", ckpt, ckpt.parent), ("import-hf", out, out)):
+        flag = "--ckpt" if cmd == "export-hf" else "--hf-dir"
+        assert _cli(cmd, flag, src, "--out", dst, "--force") == 2
+        assert f"{dst} is or holds the source {src}" in capsys.readouterr().err
+    assert snapshot(ckpt.parent) == before and (out / "model.safetensors").exists()
 
 
 def test_bad_index(tmp_path, hf32):

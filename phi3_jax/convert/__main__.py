@@ -49,7 +49,7 @@ def import_hf(args) -> str:
     from phi3_jax.checkpoint import save_model, unflatten
     from phi3_jax.convert.hf import prepare_out_dir, read_hf
 
-    prepare_out_dir(args.out, args.force)  # fail before reading gigabytes
+    prepare_out_dir(args.out, args.force, source=args.hf_dir)  # fail before reading gigabytes
     cfg, flat = read_hf(args.hf_dir, args.dtype)
     out = save_model(args.out, cfg, unflatten(flat), force=args.force)
     return f"wrote {out} ({cfg.param_count():,} parameters, {cfg.param_dtype})"
@@ -62,7 +62,7 @@ def export_hf(args) -> str:
     from phi3_jax.checkpoint import flatten, read_config, restore_params
     from phi3_jax.convert.hf import prepare_out_dir, write_hf
 
-    prepare_out_dir(args.out, args.force)
+    prepare_out_dir(args.out, args.force, source=args.ckpt)
     cfg = read_config(args.ckpt)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(restore_params(args.ckpt, cfg)).items()}
     out = write_hf(args.out, cfg, flat, dtype=args.dtype, max_shard_bytes=args.max_shard_size, force=args.force)

@@ -169,11 +169,17 @@ def plan_shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[li
     return shards
 
 
-def prepare_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Checks `out` may be written, before any work is done."""
+def prepare_out_dir(out: str | os.PathLike, force: bool, source: str | os.PathLike | None = None) -> Path:
+    """Checks `out` may be written, before any work is done: writing replaces the whole folder, so it must
+    not be, or hold, the `source` being converted."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
+    if source is not None:
+        src = Path(source).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise CheckpointError(f"{out} is or holds the source {source}, which writing it would replace; "
+                                  "choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty; choose another path or pass --force (force=True)")
     return out
