@@ -145,6 +145,9 @@ def resolve(path: str | os.PathLike) -> Source:
            for q in d.iterdir()):
         raise CheckpointError(f"{p} holds only unfinished checkpoint writes (an interrupted save); "
                               "no complete step to read")
+    if (p / WORKDIR_CHECKPOINTS).is_dir() or (p / "metrics.jsonl").exists():
+        raise CheckpointError(f"{p} is a training workdir with no checkpoint yet (the first is written every "
+                              "train.checkpoint_every steps, on SIGTERM / SIGINT, and at the end)")
     raise CheckpointError(f"{p} is neither a Hugging Face folder (config.json + safetensors), a phi3_jax "
                           f"checkpoint (numbered step folders) nor a training workdir ({WORKDIR_CHECKPOINTS}/)")
 
@@ -365,11 +368,13 @@ class TrainCheckpointer:
         if wait:
             self._mngr.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: dict, model_cfg: ModelConfig, data_iter) -> dict:
+    def restore(self, step: int, abstract_state: dict, model_cfg: ModelConfig, data_iter,
+                train_config: dict | None = None) -> dict:
         """The train state of `step` placed like `abstract_state`; sets `data_iter`'s state.
 
-        Raises CheckpointError (one message naming the step folder) for a checkpoint of another model or
-        an unreadable one; nothing in the workdir is changed.
+        Raises CheckpointError (one message naming the step folder) for a checkpoint of another model, of
+        another optimizer (naming the `train` fields that differ from `train_config`'s, when given) or an
+        unreadable one; nothing in the workdir is changed.
         """
         import orbax.checkpoint as ocp
         from grain.checkpoint import CheckpointRestore
@@ -402,6 +407,12 @@ class TrainCheckpointer:
             if isinstance(e, DataStateMismatch):
                 raise CheckpointError(f"{step_dir}/{DATA_ITEM}: {e}; resume with the train.data_shards (or "
                                       "process count) the run was started with") from None
+            if "tree structures do not match" in str(e) or "Structure mismatch" in str(e):
+                raise CheckpointError(
+                    f"{step_dir}/{TRAIN_STATE_ITEM}: the saved optimizer state has another structure than this "
+                    f"config's optimizer{_changed_train_fields(step_dir, train_config)}; resume with the train "
+                    f"settings the run started with, or keep only the weights: a new --workdir with --init_from "
+                    f"{step_dir}") from None
             raise CheckpointError(f"{step_dir}: unreadable, the checkpoint may be corrupt "
                                   f"({type(e).__name__}: {_first_line(e)}); move the step folder away to resume "
                                   "from an earlier one, or use a new --workdir") from None
@@ -416,6 +427,19 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def _changed_train_fields(step_dir: Path, train_config: dict | None) -> str:
+    """The `train` fields that differ from the step's saved config, as a parenthesis for a message."""
+    try:
+        saved = _read_json_item(Source("checkpoint", step_dir.parent, int(step_dir.name)), TRAIN_CONFIG_ITEM)
+    except CheckpointError:
+        return ""
+    now = (train_config or {}).get("train")
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(now, dict):
+        return ""
+    changed = sorted(k for k in set(saved["train"]) | set(now) if saved["train"].get(k) != now.get(k))
+    return f" (train.{', train.'.join(changed)} changed since it was saved)" if changed else ""
 
 
 def _check_data_processes(data_dir: Path) -> None:

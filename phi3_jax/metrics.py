@@ -90,13 +90,15 @@ class MetricsWriter:
         self._bar = None
         if not self.active:
             return
-        truncate_jsonl(self.path, start_step)
+        # A resumed run rewrites the steps after its checkpoint; a fresh one (start 0) every row, step 0's too.
+        keep_through = start_step if start_step > 0 else -1
+        truncate_jsonl(self.path, keep_through)
         self._file = open(self.path, "a")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=keep_through + 1)
             except ImportError:
                 self._tb = None
         if progress:

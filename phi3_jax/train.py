@@ -114,7 +114,10 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     initial_data_state = feed.get_state()
     next(feed)  # reads from every source now: a missing or bad file fails here, not mid-run
     feed.set_state(initial_data_state)
-    if init_from:
+    workdir_p = Path(workdir)
+    resuming = (workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS).is_dir() and ckpt_lib._steps(
+        workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
+    if init_from and not resuming:  # a resumed run restores its own weights; init_from may be gone by then
         ckpt_lib.resolve(init_from)  # a missing or unrecognised path fails before anything is written
 
     abstract_params = ckpt_lib.abstract_params(model_cfg, r.precision["param_dtype"])
@@ -125,15 +128,13 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     lr_at = jax.jit(schedule)
 
     # ---- state: resume, init_from, or fresh ----
-    workdir_p = Path(workdir)
-    resuming = (workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS).is_dir() and ckpt_lib._steps(
-        workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
     if resuming:
         ckpt = ckpt_lib.TrainCheckpointer(workdir_p, keep_last=t.keep_last, keep_every=t.keep_every,
                                           async_save=t.async_checkpoint)
         start = ckpt.latest_step()
-        state = ckpt.restore(start, fns.abstract_state, model_cfg, feed)
-        _log(f"resumed from {ckpt.directory / str(start)}")
+        state = ckpt.restore(start, fns.abstract_state, model_cfg, feed, r.raw)
+        _log(f"resumed from {ckpt.directory / str(start)}"
+             + (f" (--init_from {init_from} applies to a fresh workdir only)" if init_from else ""))
     else:
         if init_from:
             src_cfg = ckpt_lib.read_config(init_from).to_dict()
@@ -179,6 +180,10 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     if t.eval_every > 0:
         evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in train_data.eval_batches(
             r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps, align)]
+
+    if t.eval_every > 0 and not evals:
+        writer.message(f"no evaluation: the data has no held-out rows (data.eval_fraction="
+                       f"{r.raw['data']['eval_fraction']}) for train.eval_every={t.eval_every}")
 
     def evaluate() -> float | None:
         if not evals:
@@ -242,7 +247,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                     handle(*pending)
                 pending = (step + 1, metrics)
                 s = step + 1
-                if t.eval_every and s % t.eval_every == 0 and s != t.steps:
+                if evals and s % t.eval_every == 0 and s != t.steps:
                     handle(*pending)
                     pending = None
                     eval_loss = evaluate()
@@ -264,14 +269,17 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
             if pending is not None:
                 handle(*pending)
                 pending = None
-        final_step = int(jax.device_get(state["step"]))
-        if status == "done":
-            if final_step != last_saved:
-                ckpt.save(final_step, state, data_state, model_cfg, r.raw)
-            ckpt.wait()
-            if evals:
-                eval_loss = evaluate()
-                writer.write(final_step, {"eval_loss": eval_loss})
+            final_step = int(jax.device_get(state["step"]))
+            if status == "done":  # still under the handlers: a signal now waits for this save
+                if final_step != last_saved:
+                    ckpt.save(final_step, state, data_state, model_cfg, r.raw)
+                ckpt.wait()
+                if sig.received:  # the run is complete and saved; skip the final eval and sample
+                    writer.message(f"received {sig.received} after the last step: checkpoint saved to "
+                                   f"{ckpt.directory / str(final_step)}")
+                elif evals and start < t.steps:  # a finished run restarted has its final eval already
+                    eval_loss = evaluate()
+                    writer.write(final_step, {"eval_loss": eval_loss})
     except BaseException:
         writer.close()
         ckpt.close()
@@ -282,7 +290,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     ckpt.close()
 
     sample = None
-    if status != "preempted" and r.sample.max_new_tokens > 0:
+    if status != "preempted" and not sig.received and r.sample.max_new_tokens > 0:
         from phi3_jax.generate import sample_text
 
         sample = sample_text((ts.graphdef_of(model_cfg), state["params"]), tokenizer, r.sample.prompt,

@@ -122,6 +122,16 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def test_resume_with_another_optimizer_names_the_changed_fields(tmp_path):
+    wd = tmp_path / "wd"
+    assert run(_cfg(steps=2), str(wd)).status == "done"
+    before = snapshot(wd)
+    with pytest.raises(CheckpointError, match=r"train_state: the saved optimizer state has another structure than "
+                                              r"this config's optimizer \(train\.clip_norm, train\.steps changed"):
+        run(_cfg(steps=3, clip_norm=0.0), str(wd))  # clipping off: one transformation fewer in the chain
+    assert snapshot(wd) == before
+
+
 def test_resume_with_another_data_split_names_it(tmp_path):
     wd = tmp_path / "wd"
     assert run(_cfg(steps=2), str(wd)).status == "done"
@@ -148,3 +158,30 @@ def test_resume_with_another_data_split_names_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
         run(_cfg(steps=4), str(wd))
     assert snapshot(wd) == before
+
+
+def test_no_held_out_rows_turns_evaluation_off_and_an_empty_workdir_says_so(tmp_path, capsys):
+    import phi3_jax
+
+    c = _cfg(steps=3, eval_every=2)
+    c.data.eval_fraction = 0.0
+    res = run(c, str(tmp_path / "wd"))
+    assert res.status == "done" and res.eval_loss is None
+    assert "no evaluation: the data has no held-out rows (data.eval_fraction=0.0)" in capsys.readouterr().out
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="is a training workdir with no checkpoint yet"):
+        phi3_jax.load(str(tmp_path / "fresh"))
+
+
+def test_a_fresh_start_rewrites_metrics_and_a_finished_run_adds_no_rows(tmp_path):
+    import json
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "metrics.jsonl").write_text(json.dumps({"step": 0, "unigram_entropy": 9.0}) + "\n")  # a run killed early
+    c = _cfg(steps=2, eval_every=1)
+    assert run(c, str(wd)).status == "done"
+    rows = (wd / "metrics.jsonl").read_text()
+    assert rows.count('"unigram_entropy"') == 1 and '9.0' not in rows and rows.count('"eval_loss"') == 2
+    assert run(c, str(wd)).status == "complete"
+    assert (wd / "metrics.jsonl").read_text() == rows

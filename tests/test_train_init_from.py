@@ -28,6 +28,9 @@ def test_init_from_a_workdir_and_from_hugging_face(tmp_path):
     assert res.step == 2
     got = restore_params(ft, read_config(ft))
     jax.tree.map(np.testing.assert_array_equal, base, got)
+    # The same command later resumes from the run's own checkpoint, even with the source moved away.
+    src.rename(tmp_path / "moved")
+    assert run(_cfg(3, lr=0.0), str(ft), init_from=str(src)).step == 3
 
     # A Hugging Face folder written by transformers itself.
     torch = pytest.importorskip("torch")

@@ -2,6 +2,7 @@
 losses an uninterrupted run gives, step for step."""
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -94,3 +95,40 @@ def test_bf16_compute_resume_recasts_the_weights_and_matches(tmp_path, monkeypat
     got = run(cfg(6), str(tmp_path / "resumed")).losses
     assert sorted(got) == [4, 5, 6]
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]  # exact, step for step
+
+
+FINAL_SAVE_SIGNALLED = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+from train_helpers import load_config
+from phi3_jax import checkpoint
+from phi3_jax.train import run
+
+save = checkpoint.TrainCheckpointer.save
+
+
+def save_then_signal(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+checkpoint.TrainCheckpointer.save = save_then_signal
+c = load_config("tiny", "test")
+c.train.steps, c.train.checkpoint_every, c.sample.max_new_tokens = 3, 0, 8
+res = run(c, sys.argv[1])
+print("RESULT", res.status, res.sample)
+"""
+
+
+def test_sigterm_during_the_final_save_waits_for_it(tmp_path):
+    # The last step's checkpoint (the only one with checkpoint_every=0) is written under the signal
+    # handlers: a SIGTERM then lets it finish, and the run ends cleanly without its sample.
+    wd = tmp_path / "wd"
+    r = subprocess.run([sys.executable, "-c", FINAL_SAVE_SIGNALLED, str(wd)], cwd=REPO, env=env(8),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "received SIGTERM after the last step" in r.stdout and "RESULT done None" in r.stdout, r.stdout[-2000:]
+    from phi3_jax.checkpoint import resolve
+
+    assert resolve(str(wd)).step == 3
