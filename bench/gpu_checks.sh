@@ -55,20 +55,27 @@ step fused 300 $py -m pytest -q -p no:cacheprovider tests/test_fused_ops.py test
 # The step's kernel forms (bench/common.py FORMS: the Pallas Triton row kernels, XLA's other forms), JAX
 # alone with XLA's Triton GEMMs off, one process each, the default forms first: the RESULT lines, and
 # "median step, flags" lines in OUTDIR/forms.tsv. Without FORMS, the later steps take the fastest.
-step train_forms 300 bash -c ': >"$1/forms.tsv"; for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
+# A variant without a RESULT line shows the end of its output (whatever the error looked like); the step
+# fails if any variant did.
+step train_forms 300 bash -c ': >"$1/forms.tsv"; failed=0; for f in "" "--form logsumexp=kernel" "--form swiglu_backward=kernel" \
     "--form rms_norm_forward=kernel" "--form rms_norm_backward=kernel" "--form swiglu_backward=halves" \
     "--form logsumexp=two_reductions" \
     "--form logsumexp=kernel --form swiglu_backward=kernel --form rms_norm_forward=kernel --form rms_norm_backward=kernel"; do
   echo "forms: ${f:-default}"
-  r=$(XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1 |
-      grep -E "RESULT|Error")
-  echo "$r"
+  o=$(XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" "$0" bench/train_step.py --device gpu --only jax --unroll $f 2>&1)
+  r=$(echo "$o" | grep RESULT)
   m=$(echo "$r" | sed -n "s/.*\"median_s\": \([0-9.]*\).*/\1/p")
-  [ -n "$m" ] && printf "%s\t%s\n" "$m" "$f" >>"$1/forms.tsv"
-done' "$py" "$out"
+  if [ -n "$m" ]; then
+    echo "$r"; printf "%s\t%s\n" "$m" "$f" >>"$1/forms.tsv"
+  else
+    echo "$o" | tail -n 8; failed=$((failed + 1))
+  fi
+done; [ "$failed" = 0 ]' "$py" "$out"
 if [ -z "$forms" ] && [ -s "$out/forms.tsv" ]; then
   forms=$(sort -n "$out/forms.tsv" | head -n 1 | cut -f 2)
   echo "=== fastest forms: ${forms:-the defaults}" | tee -a "$log"
+elif [ -z "$forms" ] && [ -n "${rc_train_forms:-}" ]; then
+  echo "=== fastest forms: none measured; the later steps run the defaults" | tee -a "$log"
 fi
 step train 300 $py bench/train_step.py --device gpu --unroll --append bench/RESULTS.md
 # Packed rows: cuDNN's packed layout (four documents per row); compare with the train step above.
@@ -80,12 +87,18 @@ step train_notriton 300 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_ge
 # shellcheck disable=SC2086
 step train_profile 180 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   $py bench/train_step.py --device gpu --only jax --unroll $forms --profile /tmp/phi3_train_trace
+# The trace comes back with OUTDIR when it is small enough to (16 MiB a file).
+trace=$(ls -t /tmp/phi3_train_trace/plugins/profile/*/perfetto_trace.json.gz 2>/dev/null | head -n 1)
+if [ -n "${rc_train_profile:-}" ] && [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -le 16000000 ]; then
+  cp "$trace" "$out/perfetto_trace.json.gz"
+fi
 # More of XLA's GPU GEMM and scheduling choices, one process each (XLA reads its flags once): the RESULT lines.
 # (--xla_gpu_exhaustive_tiling_search=true is left out: on the H100 its compile ran past 80 s unfinished.)
-step train_flags 300 bash -c 'for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+step train_flags 300 bash -c 'failed=0; for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
     "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="; do
-  echo "XLA_FLAGS=$f"; XLA_FLAGS="$f" "$0" bench/train_step.py --device gpu --only jax --unroll 2>&1 | grep -E "RESULT|Error"
-done' "$py"
+  echo "XLA_FLAGS=$f"; o=$(XLA_FLAGS="$f" "$0" bench/train_step.py --device gpu --only jax --unroll 2>&1)
+  echo "$o" | grep RESULT || { echo "$o" | tail -n 8; failed=$((failed + 1)); }
+done; [ "$failed" = 0 ]' "$py"
 # The step's memory-bound kernels in their alternative forms (the leads of the H100 account in RESULTS.md).
 step elementwise 120 $py bench/elementwise.py --device gpu --append bench/RESULTS.md
 step train_breakdown 180 $py bench/train_step.py --device gpu --only jax --unroll --breakdown
