@@ -108,6 +108,10 @@ def parse_topology(name: str, hbm_gib: float | None = None) -> Topology:
         if gen in _DIMS and len(m.group(2).split("x")) != _DIMS[gen]:
             raise TopologyError(f"unknown TPU topology {name!r}: {gen} topologies have {_DIMS[gen]} dimensions "
                                 f"({examples})")
+        if not chips:
+            raise TopologyError(f"unknown TPU topology {name!r}: a dimension of 0 chips ({examples})")
+    if hbm_gib is not None and hbm_gib <= 0:
+        raise TopologyError(f"--hbm_gib={hbm_gib:g}: must be a positive number of GiB per chip")
     return Topology(name=name, generation=gen, libtpu_name=libtpu_name, chips=chips,
                     hbm_gib=hbm_gib if hbm_gib else HBM_GIB.get(gen))
 

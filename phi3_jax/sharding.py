@@ -25,7 +25,8 @@ rematerialization"). For the same reason the embedding lookup reads a table all-
 Parameters are stacked over a leading "layers" axis (the decoder scans over depth); `param_logical_axes`
 assigns logical axes by parameter-path pattern, so any pytree whose leaf paths end in a parameter path
 (the parameters themselves, AdamW's mu and nu) gets the same sharding. A dimension that the mesh axes do
-not divide is replicated instead (logged once), so odd vocabularies and tiny test models always run.
+not divide is replicated instead (a warning, once per axis and size), so odd vocabularies and tiny test
+models always run.
 
 Multi-host: `maybe_initialize_distributed` calls `jax.distributed.initialize` when asked; each process
 then feeds its own rows of the global batch (`make_global_batch`).
@@ -46,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
+_REPLICATED_SEEN: set = set()  # (logical axis, size, mesh axes) already warned about
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -155,8 +157,11 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
             if shape is not None and mesh_axes:
                 size = math.prod(mesh.shape[a] for a in mesh_axes)
                 if shape[i] % size:
-                    log.info("dimension %d (%s, size %d) not divisible by mesh axes %s (%d): replicated",
-                             i, name, shape[i], mesh_axes, size)
+                    if (name, shape[i], mesh_axes) not in _REPLICATED_SEEN:
+                        _REPLICATED_SEEN.add((name, shape[i], mesh_axes))
+                        log.warning("logical axis %s of size %d is not divisible by mesh axes %s (%d devices): "
+                                    "replicated there (every such array is whole on each of those devices)",
+                                    name, shape[i], mesh_axes, size)
                     mesh_axes = ()
         used.update(mesh_axes)
         out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)

@@ -29,6 +29,7 @@ wrong type raises `ConfigError` naming the field (`config.train.stpes: unknown f
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -161,6 +162,8 @@ def _plain(x):
 def _check_type(where: str, value, default):
     kind = type(default)
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
@@ -210,9 +213,10 @@ def validate(config) -> Resolved:
         raise ConfigError(f"config.{missing[0]}: section missing")
 
     train = _check_section("train", raw["train"], train_defaults())
+    # eps > 0: Adam divides a zero gradient's zero moment by sqrt(0) + eps.
     _positive("train", train, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunks", "log_every", "eval_steps",
-              "keep_last", "max_nonfinite_in_a_row")
-    _positive("train", train, "lr", "warmup_steps", "weight_decay", "eps", "eval_every", "checkpoint_every",
+              "keep_last", "max_nonfinite_in_a_row", "eps")
+    _positive("train", train, "lr", "warmup_steps", "weight_decay", "eval_every", "checkpoint_every",
               "keep_every", "data_shards", allow_zero=True)
     if train["schedule"] not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config.train.schedule={train['schedule']!r}: must be cosine, linear or constant")
@@ -236,7 +240,8 @@ def validate(config) -> Resolved:
         raise ConfigError("config.mesh: at most one axis may be -1")
 
     precision = _check_section("precision", raw.get("precision", {}), precision_defaults())
-    for k, allowed in (("param_dtype", ("float32", "bfloat16")), ("compute_dtype", ("float32", "bfloat16", "float16"))):
+    # No float16: its range needs loss scaling, which the train step does not do.
+    for k, allowed in (("param_dtype", ("float32", "bfloat16")), ("compute_dtype", ("float32", "bfloat16"))):
         if precision[k] not in allowed:
             raise ConfigError(f"config.precision.{k}={precision[k]!r}: must be one of {allowed}")
 
@@ -244,6 +249,10 @@ def validate(config) -> Resolved:
     _positive("sample", sample, "max_new_tokens", "temperature", allow_zero=True)
 
     model_fields, model = _check_model(raw["model"], precision)
+    max_positions = model_fields.get("max_position_embeddings")
+    if max_positions and train["seq_len"] > max_positions:
+        raise ConfigError(f"config.train.seq_len={train['seq_len']}: longer than the model's "
+                          f"model.max_position_embeddings={max_positions}")
 
     from phi3_jax.data.config import validate_data_config
 

@@ -39,7 +39,7 @@ def test_topology_names(name, libtpu_name, chips, hbm):
     assert (t.libtpu_name, t.chips, t.hbm_gib) == (libtpu_name, chips, hbm)
 
 
-@pytest.mark.parametrize("name", ["v9z-8", "v5p-3", "v5p-12", "v5e-3", "tpu", "v5p:4x4", "v5e-16x"])
+@pytest.mark.parametrize("name", ["v9z-8", "v5p-3", "v5p-12", "v5e-3", "tpu", "v5p:4x4", "v5e-16x", "v5p:0x4x4"])
 def test_unknown_topology_names(name):
     with pytest.raises(aot.TopologyError, match="unknown TPU topology"):
         aot.parse_topology(name)
@@ -47,6 +47,8 @@ def test_unknown_topology_names(name):
 
 def test_hbm_override():
     assert aot.parse_topology("v5e-4", hbm_gib=15.75).hbm_gib == 15.75
+    with pytest.raises(aot.TopologyError, match="--hbm_gib=-1: must be a positive number"):
+        aot.parse_topology("v5e-4", hbm_gib=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

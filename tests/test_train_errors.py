@@ -44,6 +44,14 @@ def test_config_file_errors_name_the_field(tmp_path):
     c = _cfg(grad_accum=3)
     with pytest.raises(ConfigError, match=r"config\.train\.grad_accum=3: must divide train\.batch_size=8"):
         run(c, str(wd))
+    for field, value, message in (("eps", 0.0, "must be > 0"), ("lr", float("nan"), "must be a finite number"),
+                                  ("seq_len", 8192, "longer than the model's model.max_position_embeddings=4096")):
+        with pytest.raises(ConfigError, match=rf"config\.train\.{field}.*{message}"):
+            run(_cfg(**{field: value}), str(wd))
+    c = _cfg()
+    c.precision.compute_dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config\.precision\.compute_dtype='float16': must be one of"):
+        run(c, str(wd))
     c = _cfg(loss_chunks=3)
     with pytest.raises(ConfigError, match=r"config\.train\.loss_chunks=3: must divide train\.seq_len"):
         run(c, str(wd))
