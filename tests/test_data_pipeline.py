@@ -146,6 +146,18 @@ def test_processes_get_disjoint_slices_of_the_global_batch(tmp_path):
     assert seen() == train
 
 
+def test_state_through_json_with_nothing_held_over_drops_no_document():
+    # At step 0 no stream holds a piece over; grain marks that with a tuple, which JSON makes a list.
+    cfg = _cfg()
+    want = _take(make_pipeline(cfg, TOK, SEQ, BATCH, seed=0), 3)
+    it = make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+    state = json.loads(json.dumps(it.get_state()))
+    _take(it, 2)
+    it.set_state(state)
+    assert _same(_take(it, 3), want)
+    assert want[0]["segment_ids"][0, 0] == 1  # the first row starts with the first document, not the second
+
+
 def test_eval_split_is_held_out_finite_and_padded():
     cfg = _cfg()
     cfg.sources[0]["num_docs"] = 200

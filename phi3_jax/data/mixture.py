@@ -83,6 +83,7 @@ class _PhasedIterator(grain.DatasetIterator):
                 "phase_names": list(self._names)}
 
     def set_state(self, state: dict) -> None:
+        state = _slices_as_tuples(state)
         if list(state.get("phase_names", self._names)) != self._names:
             raise DataError(f"data iterator state is for phases {state.get('phase_names')}, "
                             f"but the config has {self._names}")
@@ -92,6 +93,19 @@ class _PhasedIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"PhasedIterator(phases={self._names}, steps={self._steps})"
+
+
+def _slices_as_tuples(state: Any) -> Any:
+    """`state` with grain's concat-packing "remainder_slices" back as tuples. JSON (grain's checkpoint handler,
+    the trainer's DataFeed) stores them as lists, and grain tells "nothing held over" by comparing with the
+    tuple (-1, -1): a list there reads one document as a held-over piece and drops it."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in s.items()}
+                    if k == "remainder_slices" and isinstance(s, dict) else _slices_as_tuples(s))
+                for k, s in state.items()}
+    if isinstance(state, list):
+        return [_slices_as_tuples(s) for s in state]
+    return state
 
 
 class PhasedIterDataset(grain.IterDataset):
