@@ -158,6 +158,26 @@ def test_state_through_json_with_nothing_held_over_drops_no_document():
     assert want[0]["segment_ids"][0, 0] == 1  # the first row starts with the first document, not the second
 
 
+def test_a_filtered_source_that_keeps_nothing_in_a_process_share_says_so(tmp_path):
+    # Only document 0 passes the filter: process 1's share (documents 1, 3, ...) would search for ever.
+    good = "Title: Notes\n\nThis is a well formed sentence about numbers.\n"
+    spam = "CLICK HERE to subscribe!!!\nCLICK HERE to subscribe!!!\nbuy now buy now\n"
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps({"text": good if i == 0 else spam}) + "\n" for i in range(10)))
+    cfg = default_data_config()
+    cfg.sources = [{"name": "j", "kind": "jsonl", "path": str(path), "weight": 0.0},
+                   {"name": "hq", "kind": "filtered", "base": "j"}]
+    cfg.phases = [{"tokens": 0, "weights": {"hq": 1.0}}]
+    cfg.eval_fraction = 0.0
+    assert next(make_pipeline(cfg, TOK, 32, 2, seed=0, process_index=0, process_count=2))["inputs"].shape == (1, 32)
+    with pytest.raises(DataError, match=r"source 'hq': quality threshold 0.5 keeps none of the first 5 documents "
+                                        r"of 'j' \(process 1's share\)"):
+        make_pipeline(cfg, TOK, 32, 2, seed=0, process_index=1, process_count=2)
+    # The held-out tail may keep nothing: its eval stream is empty, not an error.
+    cfg.eval_fraction = 0.1
+    assert list(make_pipeline(cfg, TOK, 32, 2, seed=0, split="eval", eval_sources=["hq"])) == []
+
+
 def test_eval_split_is_held_out_finite_and_padded():
     cfg = _cfg()
     cfg.sources[0]["num_docs"] = 200

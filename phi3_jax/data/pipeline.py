@@ -91,23 +91,29 @@ class _Corpus:
             n = min(n, base.num_docs)
         frac = self.spec.eval_fraction
         n_eval = 0 if frac == 0 else min(self.spec.eval_max_docs, max(1, int(n * frac)))
+        if n == 0:
+            raise DataError(f"source {base.name!r} has no documents")
         if n - n_eval < 1:
             raise DataError(f"source {base.name!r} has {n} documents: too few to hold out {n_eval} for eval "
                             f"(set data.eval_fraction = 0)")
         return range(0, n - n_eval), range(n - n_eval, n)
 
-    def documents(self, s: SourceSpec, split: str) -> grain.MapDataset:
+    def documents(self, s: SourceSpec, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+        """The split's documents in index order; process p of P takes documents p, p + P, ..."""
         train, held_out = self.ranges(s)
         r = train if split == "train" else held_out
         base = self.spec.source(s.base) if s.kind == "filtered" else s
-        ds = grain.MapDataset.source(self.raw[base.name])[r.start:r.stop]
+        ds = grain.MapDataset.source(self.raw[base.name])[r.start:r.stop][process_index::process_count]
         if s.kind == "filtered":
             threshold = s.threshold if s.threshold >= 0 else self.spec.quality["threshold"]
             keep = _KeepIfQuality(_scorer(self.spec.quality), threshold)
-            probe = [ds[i] for i in range(min(len(ds), 64))]
+            # Training repeats its documents without end: with none kept it would search for ever. (A small
+            # held-out tail may keep none; its eval stream is then empty.)
+            probe = [ds[i] for i in range(min(len(ds), 64))] if split == "train" else []
             if probe and not any(keep(d) for d in probe):
+                share = f" (process {process_index}'s share)" if process_count > 1 else ""
                 raise DataError(f"source {s.name!r}: quality threshold {threshold} keeps none of the first "
-                                f"{len(probe)} documents of {base.name!r}; lower data.sources[].threshold")
+                                f"{len(probe)} documents of {base.name!r}{share}; lower data.sources[].threshold")
             ds = ds.filter(keep)
         return ds
 
@@ -191,7 +197,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
         streams, weights = [], []
         for name, w in p.weights:
             s = spec.source(name)
-            docs = corpus.documents(s, "train")[process_index::process_count]
+            docs = corpus.documents(s, "train", process_index, process_count)
             if len(docs) == 0:
                 raise DataError(f"source {name!r} has fewer training documents than processes ({process_count})")
             if spec.shuffle:
