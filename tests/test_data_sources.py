@@ -68,6 +68,15 @@ def test_text_and_jsonl(tmp_path):
         src[3]
     with pytest.raises(DataError, match=r"d.jsonl:6: invalid JSON"):
         src[4]
+    # A byte-order mark alone is a blank line; bytes that are not UTF-8 name their line.
+    (tmp_path / "e.jsonl").write_bytes(b'\xef\xbb\xbf\n{"text": "ok"}\n{"text": "\xff"}\n')
+    src = make_source("jsonl", path=str(tmp_path / "e.jsonl"))
+    assert len(src) == 2 and src[0]["text"] == "ok"
+    with pytest.raises(DataError, match=r"e.jsonl:3: not UTF-8"):
+        src[1]
+    # A file whose name holds a glob character is that file when it exists.
+    (tmp_path / "x[1].txt").write_text("bracketed")
+    assert make_source("text", path=str(tmp_path / "x[1].txt"))[0]["text"] == "bracketed"
 
 
 def test_array_record(tmp_path):

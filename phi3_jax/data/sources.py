@@ -30,7 +30,7 @@ def expand_paths(path: str, what: str, suffixes: tuple[str, ...] = ()) -> list[P
     if not path:
         raise DataError(f"{what}: path is empty")
     p = Path(path).expanduser()
-    if any(c in path for c in "*?["):
+    if any(c in path for c in "*?[") and not p.exists():  # an existing name with "[" in it is that file
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
             raise DataError(f"{what}: no files match {path}")
@@ -126,7 +126,7 @@ class JsonlSource:
             offset = 0
             with open(f, "rb") as fh:
                 for lineno, line in enumerate(fh, start=1):
-                    if line.strip():
+                    if line.strip().removeprefix(b"\xef\xbb\xbf").strip():  # a byte-order mark alone is blank
                         self._index.append((k, offset, lineno))
                     offset += len(line)
 
@@ -143,6 +143,8 @@ class JsonlSource:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
         return {**_text_field(record, self.field, where), "source": self.name}
 
 
