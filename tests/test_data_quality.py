@@ -28,6 +28,13 @@ def test_heuristic_scorer(held_out):
     assert _accuracy(h, held_out) > 0.85
     for defect in ("no_solution", "spam"):  # missing worked answers and boilerplate are caught outright
         assert all(h.score(d) < 0.5 for d in held_out if d["defect"] == defect)
+    # So is a wrong arithmetic result, even after right steps ("So a + b = c" false).
+    wrong_sums = [d for d in held_out if d["defect"] == "wrong_answer" and d["topic"] == "arithmetic"]
+    assert wrong_sums and all(h.score(d) < 0.5 for d in wrong_sums)
+    steps_right_sum_wrong = ("Exercise 1: What is 15 + 17?\nSolution: 5 + 7 = 12; 1 + 1 + 1 = 3. So 15 + 17 = 33.\n"
+                             "Answer: 33\n")
+    assert h.score({"text": steps_right_sum_wrong}) == 0.0
+    assert h.score({"text": steps_right_sum_wrong.replace("33", "32")}) == 1.0
     assert h.score({"text": ""}) == 0.0
     assert h.score({"text": "Exercise 1: What is 2 + 2?\nSolution: 2 + 2 = 5.\nAnswer: 5\n"}) < 0.5
     assert h.score({"text": "Exercise 1: What is 2 + 2?\nSolution: 2 + 2 = 4.\nAnswer: 4\n"}) == 1.0

@@ -2,7 +2,8 @@
 
 Two are built in:
 - `HeuristicScorer`: text statistics — well-formed lines, repeated lines and spam markers, whether
-  exercises come with worked answers, and whether stated arithmetic (`a + b = c`) is actually true.
+  exercises come with worked answers, and whether stated arithmetic (`a + b = c`) is actually true (a false
+  conclusion, "So a + b = c", scores 0).
 - `LogisticScorer`: logistic regression on hashed word 1- and 2-grams, trained on labelled documents;
   `train_logistic_scorer_on_textbook` trains one on the synthetic generator's own quality labels.
 
@@ -28,20 +29,31 @@ class QualityScorer(Protocol):
 
 _SPAM_WORDS = ("click here", "subscribe", "buy now", "limited offer", "share this page", "!!!")
 _EQUATION = re.compile(r"(\d+(?: [-+x] \d+)+) = (\d+)\b")
+_CONCLUSION = re.compile(r"\bSo (\d+(?: [-+x] \d+)+) = (\d+)\b")
 _DIVISION = re.compile(r"(\d+) / (\d+) = (\d+) remainder (\d+)")
 _GOOD_END = tuple(".?!:;,)]}\"'`") + tuple("0123456789")
+
+
+def _true(lhs: str, rhs: str) -> bool:
+    terms = lhs.split(" ")
+    value = int(terms[0])
+    for op, operand in zip(terms[1::2], terms[2::2]):  # left to right, as the lessons write them
+        value = {"+": value + int(operand), "-": value - int(operand), "x": value * int(operand)}[op]
+    return value == int(rhs)
+
+
+def _false_conclusion(text: str) -> bool:
+    """Whether a worked solution concludes ("So a + b = c") with a false result: right steps to a wrong
+    answer still teach the wrong answer."""
+    return any(not _true(lhs, rhs) for lhs, rhs in _CONCLUSION.findall(text))
 
 
 def _equations_ok(text: str) -> tuple[int, int]:
     """(number of checkable equations, number that are true)."""
     total = ok = 0
     for lhs, rhs in _EQUATION.findall(text):
-        terms = lhs.split(" ")
-        value = int(terms[0])
-        for op, operand in zip(terms[1::2], terms[2::2]):  # left to right, as the lessons write them
-            value = {"+": value + int(operand), "-": value - int(operand), "x": value * int(operand)}[op]
         total += 1
-        ok += value == int(rhs)
+        ok += _true(lhs, rhs)
     for a, b, q, r in _DIVISION.findall(text):
         total += 1
         ok += int(b) * int(q) + int(r) == int(a) and int(r) < int(b)
@@ -78,9 +90,9 @@ class HeuristicScorer:
         n_ex = len(re.findall(r"^Exercise\b", text, re.M))
         n_ans = len(re.findall(r"^(Answer|Solution):", text, re.M))
         answer_score = 1.0 if n_ex == 0 else min(1.0, n_ans / n_ex)
-        # Stated arithmetic must be true.
+        # Stated arithmetic must be true, and a conclusion above all.
         total, ok = _equations_ok(text)
-        math_score = 1.0 if total == 0 else (ok / total) ** 2
+        math_score = 0.0 if _false_conclusion(text) else 1.0 if total == 0 else (ok / total) ** 2
         return float(form_score**2 * spam_score * answer_score * math_score)
 
 
