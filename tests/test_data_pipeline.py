@@ -178,6 +178,17 @@ def test_a_filtered_source_that_keeps_nothing_in_a_process_share_says_so(tmp_pat
     assert list(make_pipeline(cfg, TOK, 32, 2, seed=0, split="eval", eval_sources=["hq"])) == []
 
 
+def test_a_later_phase_source_without_its_field_fails_when_the_pipeline_is_built(tmp_path):
+    path = tmp_path / "later.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    cfg = _cfg([{"name": "a", "tokens": TPS, "weights": {"textbook": 1.0}},
+                {"name": "b", "tokens": 0, "weights": {"later": 1.0}}])
+    cfg.sources = list(cfg.sources) + [{"name": "later", "kind": "jsonl", "path": str(path)}]
+    cfg.eval_fraction = 0.0
+    with pytest.raises(DataError, match=r"later\.jsonl:1: no field 'text' \(fields: \['body'\]\)"):
+        make_pipeline(cfg, TOK, SEQ, BATCH, seed=0)
+
+
 def test_eval_split_is_held_out_finite_and_padded():
     cfg = _cfg()
     cfg.sources[0]["num_docs"] = 200

@@ -83,6 +83,8 @@ class _Corpus:
                     s.kind, name=s.name, path=s.path, field=s.field, split=s.split, data_dir=s.data_dir,
                     num_docs=s.num_docs, textbook_seed=spec.textbook["seed"],
                     low_quality_fraction=spec.textbook["low_quality_fraction"], include_tests=s.include_tests)
+                if len(self.raw[s.name]):
+                    self.raw[s.name][0]  # a record without the configured field fails now, not in a later phase
 
     def ranges(self, s: SourceSpec) -> tuple[range, range]:
         base = self.spec.source(s.base) if s.kind == "filtered" else s
