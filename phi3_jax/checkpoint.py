@@ -302,7 +302,8 @@ def _first_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------
 #
 # Each step folder holds
-#   "params"        the master weights (precision.param_dtype; StandardSave; read by restore_params / phi3_jax.load)
+#   "params"        the master weights, in precision.param_dtype (StandardSave; read by restore_params /
+#                   phi3_jax.load)
 #   "config"        ModelConfig.to_dict() (JsonSave)
 #   "train_state"   {"opt_state", "step", "nonfinite_run", "skipped"} (StandardSave); the state's
 #                   "compute_params" (bf16 copies of the weights) is not saved: restore casts it again

@@ -100,7 +100,8 @@ class _Corpus:
                             f"(set data.eval_fraction = 0)")
         return range(0, n - n_eval), range(n - n_eval, n)
 
-    def documents(self, s: SourceSpec, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    def documents(self, s: SourceSpec, split: str, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
         """The split's documents in index order; process p of P takes documents p, p + P, ..."""
         train, held_out = self.ranges(s)
         r = train if split == "train" else held_out

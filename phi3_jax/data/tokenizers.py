@@ -79,10 +79,11 @@ def _checked_text(text) -> str:
     does: no UTF-8 encoder takes one, and one stray record must not stop a pipeline."""
     if not isinstance(text, str):
         raise DataError(f"encode expects str, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if not text.isascii():  # the common case costs one fast scan
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text
 
 
