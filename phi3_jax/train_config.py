@@ -249,10 +249,6 @@ def validate(config) -> Resolved:
     _positive("sample", sample, "max_new_tokens", "temperature", allow_zero=True)
 
     model_fields, model = _check_model(raw["model"], precision)
-    max_positions = model_fields.get("max_position_embeddings")
-    if max_positions and train["seq_len"] > max_positions:
-        raise ConfigError(f"config.train.seq_len={train['seq_len']}: longer than the model's "
-                          f"model.max_position_embeddings={max_positions}")
 
     from phi3_jax.data.config import validate_data_config
 

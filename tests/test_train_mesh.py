@@ -38,6 +38,7 @@ def test_losses_do_not_depend_on_the_mesh(tmp_path):
         np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, err_msg=name)
         # Adam hides a gradient's scale from the weights, so compare the gradients' norms as well.
         np.testing.assert_allclose(gn, ref_gn, rtol=1e-4, err_msg=name)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name),
+        # Sums in another order move a weight by ~1e-5 after 5 steps; one wrong update moves it by ~lr = 3e-3.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=name),
                      params, ref_params)
     assert ref_loss[-1] < ref_loss[0]

@@ -55,4 +55,4 @@ def test_two_processes_match_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "multi/checkpoints/4/data").glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     got, want = (jax.tree.map(np.asarray, model_params(phi3_jax.load(str(tmp_path / w)))) for w in ("multi", "single"))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), got, want)  # as test_train_mesh
