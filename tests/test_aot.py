@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from phi3_jax import aot
@@ -57,12 +58,20 @@ def test_hbm_override():
 
 @pytest.fixture(scope="module")
 def libtpu():
-    """Skips unless libtpu can describe a TPU topology here."""
+    """Skips unless libtpu can describe a TPU topology here.
+
+    The compiles run at the default matmul precision, as the aot CLI does: conftest's "highest" makes the
+    TPU compiler emit six-pass bf16 float32 matmuls, which more than doubles each compile's time.
+    """
     pytest.importorskip("libtpu", reason="libtpu not installed: pip install libtpu to compile for TPU")
     try:
         aot.topology_devices(aot.parse_topology("v5e:1x1"))
     except aot.TopologyError as err:
         pytest.skip(str(err))
+    previous = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", None)
+    yield
+    jax.config.update("jax_default_matmul_precision", previous)
 
 
 def load_config(spec: str, **overrides):
@@ -87,11 +96,11 @@ def run_cli(*args, timeout=600):
 
 @pytest.mark.slow
 @pytest.mark.tpu
-@pytest.mark.parametrize("topology", ["v5e-4", "v5p-8"])
-@pytest.mark.parametrize("config,overrides", [
-    ("configs/tiny.py", {}),
-    ("configs/phi3_small.py:tiny", {"model__attention_impl": "xla"}),
-], ids=["phi3-tiny", "phi3small-tiny-xla"])
+@pytest.mark.parametrize("config,overrides,topology", [
+    ("configs/tiny.py", {}, "v5e-4"),
+    ("configs/tiny.py", {}, "v5p-8"),  # megacore: a v5p-8 is 4 chips of two TensorCores
+    ("configs/phi3_small.py:tiny", {"model__attention_impl": "xla"}, "v5e-4"),
+], ids=["phi3-tiny-v5e-4", "phi3-tiny-v5p-8", "phi3small-tiny-xla-v5e-4"])
 def test_tiny_configs_fit(libtpu, config, overrides, topology):
     rep = aot.compile_train_step(load_config(config, mesh__fsdp=-1, **overrides), topology, log=lambda *_: None)
     chips = aot.parse_topology(topology).chips
