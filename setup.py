@@ -23,8 +23,8 @@ setup(
         "tiktoken>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch>=2.4", "transformers>=4.48", "tensorflow-datasets>=4.9.10", "array-record>=0.5",
-                 "libtpu>=0.0.50"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.4", "transformers>=4.48", "tensorflow-datasets>=4.9.10",
+                 "array-record>=0.5", "libtpu>=0.0.50"],
         "tpu": ["jax[tpu]>=0.11.2"],
         "gpu": ["jax[cuda12]>=0.11.2"],
         "export": ["gguf>=0.10"],
