@@ -2,6 +2,7 @@
 
 import json
 import re
+import tempfile
 
 import pytest
 
@@ -106,8 +107,9 @@ def test_missing_paths_and_bad_kinds(tmp_path):
         make_source("jsonl", path="")
 
 
-def test_tfds_data_source_with_mock_data():
+def test_tfds_data_source_with_mock_data(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the mock's DatasetInfo makes folders in TMPDIR
     with tfds.testing.mock_data(num_examples=7):
         src = make_source("tfds", name="imdb", path="imdb_reviews", split="train", field="text")
         assert len(src) == 7
