@@ -224,7 +224,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
                    "skipped": int(m["skipped"])}
             writer.write(step, row)
-            logged["loss"] = row["loss"]
+            logged["loss"], logged["n"] = row["loss"], window["n"]
             writer.progress(step, loss=row["loss"], **({"tok/s": f"{tps:,.0f}"} if tps else {}))
             window.update(loss=0.0, n=0, gn=0.0, t0=now, tokens=0)
         if first:
@@ -297,7 +297,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                              r.sample.max_new_tokens, temperature=r.sample.temperature, seed=r.sample.seed)
     summary = f"step {final_step}/{t.steps}"
     if "loss" in logged:
-        summary += f", loss {logged['loss']:.4f} (mean of the last {t.log_every} steps)"
+        n = logged["n"]  # finite steps since the previous log: fewer than log_every after a resume or at the end
+        summary += f", loss {logged['loss']:.4f} " + (f"(mean of the last {n} steps)" if n > 1 else "(the last step)")
     if eval_loss is not None:
         summary += f", eval_loss {eval_loss:.4f}"
     if h is not None:

@@ -34,3 +34,14 @@ def test_tiny_config_learns(tmp_path, capsys):
     model = phi3_jax.load(wd)  # the training workdir reads as a model checkpoint
     ids = np.array([[72, 105]], np.int32)
     assert model(ids).shape == (1, 2, c.model.vocab_size)
+
+
+def test_closing_line_names_the_steps_its_loss_averages(tmp_path, capsys):
+    """7 steps logged every 5: the last logged loss is the mean of steps 6 and 7, and the line says 2 steps."""
+    c = load_config("tiny", "test")
+    c.train.steps, c.train.log_every, c.train.eval_every = 7, 5, 0
+    c.train.progress, c.sample.max_new_tokens = False, 0
+    res = run(c, str(tmp_path / "wd"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("done: "))
+    mean = (res.losses[6] + res.losses[7]) / 2
+    assert line.startswith(f"done: step 7/7, loss {mean:.4f} (mean of the last 2 steps)"), line
