@@ -17,6 +17,9 @@ their `embed` dimension. Layers call `constrain(x, logical_axes)` at a few place
 MLP hidden, logits); it applies `jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)`
 context (set at trace time by the jitted train / eval steps, or by whoever lowers a step ahead of time) and
 is a no-op otherwise, so the model runs unchanged on one device, in tests, in conversion and under plain jit.
+Under tensor parallelism the fused projections ([q | k | v], [gate | up]) regroup their kernels' columns
+per device first (`layers.Linear.split`, sized by `even_shards`), so each device cuts its own heads and MLP
+slices out of its block of the output instead of trading activations with the others.
 Without these constraints XLA's SPMD partitioner propagates the parameters' fsdp sharding into the residual
 stream inside the layer scan and then has to replicate whole activations to undo it ("Involuntary full
 rematerialization"). For the same reason the embedding lookup reads a table all-gathered over `embed`
@@ -275,6 +278,16 @@ def context_axes(logical: str) -> tuple[str, ...]:
         return ()
     mesh, rules = ctx
     return tuple(a for a in _context_axes(mesh, rules, logical) if mesh.shape[a] > 1)
+
+
+def even_shards(logical: str, sizes: Sequence[int]) -> int:
+    """Into how many slices `activation_sharding` splits the activation axis `logical`, where that number
+    divides every one of `sizes` (head counts, widths); 1 otherwise, and outside the context."""
+    ctx = _ACTIVATION_CONTEXT.get()
+    if ctx is None:
+        return 1
+    n = math.prod(ctx[0].shape[a] for a in context_axes(logical))
+    return n if all(size % n == 0 for size in sizes) else 1
 
 
 def head_shards(*arrays) -> int:

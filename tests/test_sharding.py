@@ -1,4 +1,6 @@
 """phi3_jax.sharding: the logical-axis table, parameter rules, mesh construction, batch placement."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -147,3 +149,80 @@ def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
     # The layer scans (forward and backward) carry the residual stream (its gradient) as per-device rows.
     loops = [line for line in hlo.splitlines() if " while(" in line]
     assert len(loops) == 2 and all(f"(s32[], f32[{B // 8},{T},{D}]" in line for line in loops), loops
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_tensor_parallelism_moves_weights_not_activations(kv_heads, capfd):
+    """fsdp=4 x tensor=2: each device cuts its own q, k, v and gate, up out of the fused projections (the
+    kernels' columns are regrouped per device), so no activation is permuted between devices, and the
+    embedding's gradient does not replicate the batch. Cutting the checkpoint's [q | k | v] and
+    [gate | up] orders moved [B/4, T, ...] slices (collective permutes, all-to-alls in the backward pass)."""
+    import dataclasses
+    import re
+
+    import jax.numpy as jnp
+    import optax
+
+    from phi3_jax import train_state as ts
+
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+    B, T, D, H = 8, 128, 64, 16
+    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+                              num_kv_heads=kv_heads, head_dim=H, intermediate_size=96, attention_impl="xla")
+    fns = ts.build(cfg, optax.adamw(1e-3), mesh)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=fns.batch_sharding) for k in ts.BATCH_KEYS}
+    hlo = fns.train_step.lower(fns.abstract_state, batch).compile().as_text()
+
+    def moved(op):
+        """Element counts of the arrays each `op` in the HLO produces."""
+        counts = []
+        for line in hlo.splitlines():
+            m = re.search(rf"= (\(.*?\)|\S+) {op}(-start)?\(", line)
+            if m:
+                counts += [math.prod(int(d) for d in dims.split(",") if d)
+                           for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]
+        return counts
+
+    # An activation slice holds at least (B/4) * T * H numbers; the regrouped kernels' slices [D/4, <= 2I/2] fewer.
+    permuted = moved("collective-permute") + moved("all-to-all")
+    assert max(permuted, default=0) < (B // 4) * T * H, permuted
+    assert max(moved("all-gather")) < B * T * D, moved("all-gather")  # never the whole batch's residual stream
+    # XLA's SPMD partitioner says so on stderr when it must replicate an array to re-split it (here: the
+    # embedding's gradient, given the table's fsdp-over-`embed` layout, re-split the residual gradient).
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_linear_split_regrouped_for_tensor_parallelism_matches_the_plain_cut():
+    """Linear.split over fsdp=4 x tensor=2 (the kernel regrouped, each device cutting its own slices) gives the
+    pieces, and the gradients of kernel, bias and input, of the plain cut of x @ kernel + bias."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi3_jax.model.layers import Linear
+
+    cfg = dataclasses.replace(get_preset("phi-3-tiny"), dtype="float32", param_dtype="float32")
+    lin = Linear(16, 48, bias=True, cfg=cfg, rngs=nnx.Rngs(0))
+    lin.bias[...] = jax.random.normal(jax.random.key(1), (48,))
+    graphdef, params = nnx.split(lin)
+    x = jax.random.normal(jax.random.key(2), (8, 4, 16))
+    sizes = (24, 12, 12)
+    w = jax.random.normal(jax.random.key(3), (8, 4, 48))
+
+    def loss(params, x, shards):
+        pieces = nnx.merge(graphdef, params).split(x, sizes, shards, "activation_heads")
+        assert [p.shape for p in pieces] == [(8, 4, n) for n in sizes]
+        return jnp.sum(jnp.concatenate(pieces, axis=-1) * w)
+
+    want = jax.value_and_grad(lambda p, x: jnp.sum((x @ p["kernel"][...] + p["bias"][...]) * w),
+                              argnums=(0, 1))(params, x)
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+    plain = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, 1), argnums=(0, 1)))
+    regrouped = jax.jit(shd.with_activation_sharding(
+        jax.value_and_grad(lambda p, x: loss(p, x, 2), argnums=(0, 1)), mesh))
+    for got in (plain(params, x), regrouped(params, x)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+    with pytest.raises(ValueError, match="divide"):
+        lin.split(x, (20, 28), 3, "activation_heads")

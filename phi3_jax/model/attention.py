@@ -47,12 +47,21 @@ class Attention(nnx.Module):
         and (output, (k_LBSKH, v_LBSKH)) is returned. positions_BT None: a prefill into an empty cache,
         where the new tokens attend among themselves."""
         cfg = self.cfg
-        qkv_BTF = self.qkv_proj(x_BTD)
-        if cfg.family != "phi3small" and fused_backward():
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B, T = x_BTD.shape[:2]
+        # phi3small's groups [q.. k v] per kv head already keep each device's heads together.
+        shards = 1 if cfg.family == "phi3small" else shd.even_shards("activation_heads", (N, K))
+        if shards > 1:  # tensor parallelism: each device projects onto its own heads of q, k and v
+            q_BTF, k_BTF, v_BTF = self.qkv_proj.split(x_BTD, (N * H, K * H, K * H), shards, "activation_heads")
+            q_BTNH, k_BTKH = q_BTF.reshape(B, T, N, H), k_BTF.reshape(B, T, K, H)
+            v_BTKH = v_BTF.reshape(B, T, K, H)
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        elif cfg.family != "phi3small" and fused_backward():
+            qkv_BTF = self.qkv_proj(x_BTD)
             q_BTNH, k_BTKH, v_BTKH = qkv_rope(qkv_BTF, cos_BTH, sin_BTH, (cfg.num_heads, cfg.num_kv_heads,
                                                                        cfg.head_dim))
         else:
-            q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, qkv_BTF)
+            q_BTNH, k_BTKH, v_BTKH = split_qkv(cfg, self.qkv_proj(x_BTD))
             q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH)
         q_BTNH = shd.constrain(q_BTNH, shd.ACT_BTNH)
         k_BTKH = shd.constrain(k_BTKH, shd.ACT_BTKH)
@@ -73,6 +82,5 @@ class Attention(nnx.Module):
                 mask = Mask(q_index=positions_BT, causal=True, window=window, layout=layout)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, scale=cfg.attn_scale, impl=impl)
         o_BTNH = shd.constrain(o_BTNH, shd.ACT_BTNH)
-        B, T = x_BTD.shape[:2]
-        out_BTD = self.o_proj(o_BTNH.reshape(B, T, cfg.num_heads * cfg.head_dim))
+        out_BTD = self.o_proj(o_BTNH.reshape(B, T, N * H))
         return out_BTD if kv_cache is None else (out_BTD, (k_LBSKH, v_LBSKH))

@@ -7,9 +7,11 @@ activation dtype.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
@@ -46,6 +48,46 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
+    def split(self, x_BTD, sizes: Sequence[int], shards: int, logical: str) -> list:
+        """`self(x)` cut along its last axis into consecutive pieces of `sizes` ([q | k | v], [gate | up]).
+
+        With `shards` > 1 (the number of devices that split the pieces' activation axis `logical`, dividing
+        every piece) the kernel's columns are regrouped first, so that device s's contiguous block of the
+        output holds the s-th slice of every piece and the cut stays on the device. Cutting the checkpoint's
+        [q | k | v] order instead would move most of each piece between devices, forward (collective
+        permutes) and backward (all-to-alls); regrouping moves the kernel, which holds fewer numbers than the
+        activations wherever a device has more tokens than the layer has inputs.
+        """
+        if any(size % shards for size in sizes):
+            raise ValueError(f"Linear.split: {shards} shards do not divide every piece of {tuple(sizes)}")
+        if shards == 1:
+            y_BTF = self(x_BTD)
+            offsets = np.cumsum(sizes)[:-1].tolist()
+            return [y_BTF[..., a:b] for a, b in zip([0] + offsets, offsets + [y_BTF.shape[-1]])]
+        w_DSG = shd.constrain(regroup_columns(self.kernel[...].astype(self.dtype), sizes, shards),
+                              (None, logical, None))  # gathered over `embed` (FSDP), split over `logical`
+        D, _, G = w_DSG.shape
+        y_BTF = matmul(x_BTD.astype(self.dtype), w_DSG.reshape(D, shards * G))
+        if self.bias is not None:
+            y_BTF = y_BTF + regroup_columns(self.bias[...].astype(self.dtype), sizes, shards).reshape(-1)
+        B, T = y_BTF.shape[:2]
+        y_BTSG = shd.constrain(y_BTF.reshape(B, T, shards, G), ("activation_batch", "activation_seq", logical, None))
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(y_BTSG[..., start:start + size // shards].reshape(B, T, size))
+            start += size // shards
+        return pieces
+
+
+def regroup_columns(w_XF, sizes: Sequence[int], shards: int):
+    """Columns [a | b | ...] (pieces of `sizes`, each divisible by `shards`) as [shards, F / shards]:
+    row s is [a_s | b_s | ...], the s-th slice of every piece."""
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(w_XF[..., start:start + size].reshape(*w_XF.shape[:-1], shards, size // shards))
+        start += size
+    return jnp.concatenate(parts, axis=-1)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def embedding_lookup(table_VD, ids_BT, dtype):
@@ -69,7 +111,13 @@ def _lookup_fwd(table_VD, ids_BT, dtype):
 
 def _lookup_bwd(dtype, res, ct_BTD):
     table_VD, ids_BT = res
-    grad_VD = jnp.zeros(table_VD.shape, jnp.float32).at[ids_BT].add(ct_BTD.astype(jnp.float32), mode="drop")
+    # Each device scatter-adds its own rows into a table gathered over `embed` (the lookup's layout, mirrored);
+    # XLA then reduce-scatters it to the table's sharding. Left to itself, it gives the scatter the table's
+    # fsdp-over-`embed` layout, and so re-splits the residual gradient by hidden dimension, replicating the
+    # whole batch on the way ("Involuntary full rematerialization", with tensor parallelism).
+    zeros_VD = shd.constrain(jnp.zeros(table_VD.shape, jnp.float32), shd.GATHERED_VD)
+    ct_BTD = shd.constrain(ct_BTD.astype(jnp.float32), shd.ACT_BTD)
+    grad_VD = shd.constrain(zeros_VD.at[ids_BT].add(ct_BTD, mode="drop"), shd.GATHERED_VD)
     return grad_VD.astype(table_VD.dtype), None
 
 
@@ -371,6 +419,14 @@ def plain_swiglu(z_BTF):
     return jax.nn.silu(g_BTI) * u_BTI
 
 
+def swiglu_of_halves(g_BTI, u_BTI):
+    """silu(gate) * up from gate and up apart (tensor parallelism), differentiated by JAX, in the numbers
+    of `swiglu` (float32, rounded once) where fused_backward() holds, else of `plain_swiglu`."""
+    if not fused_backward():
+        return jax.nn.silu(g_BTI) * u_BTI
+    return (jax.nn.silu(g_BTI.astype(jnp.float32)) * u_BTI.astype(jnp.float32)).astype(g_BTI.dtype)
+
+
 # How swiglu's backward pass writes d [gate | up] (bench/elementwise.py times them):
 # - "one_pass": one elementwise expression over the whole width, each entry reading its partner half;
 # - "halves": d gate and d up computed apart and concatenated, which XLA:GPU emits as one kernel with a
@@ -443,10 +499,16 @@ class MLP(nnx.Module):
         self.down_proj = Linear(I, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
 
     def __call__(self, x_BTD):
+        I = self.down_proj.kernel.shape[0]
+        shards = shd.even_shards("activation_mlp", (I,)) if self.kind == "swiglu" else 1
+        if shards > 1:  # tensor parallelism: each device projects onto its own slices of gate and up
+            h_BTI = swiglu_of_halves(*self.gate_up_proj.split(x_BTD, (I, I), shards, "activation_mlp"))
+            return self.down_proj(shd.constrain(h_BTI, shd.ACT_BTI))
         z_BTF = self.gate_up_proj(x_BTD)
         if self.kind == "swiglu":
             h_BTI = swiglu(z_BTF) if fused_backward() else plain_swiglu(z_BTF)
         else:
+            # The interleaved [g_0, l_0, g_1, l_1, ...] layout keeps each device's pairs on that device.
             g_BTI, l_BTI = z_BTF[..., 0::2], z_BTF[..., 1::2]
             # Clamp finite values only; infinities pass through as in the reference.
             g_BTI = jnp.where(jnp.isinf(g_BTI), g_BTI, jnp.minimum(g_BTI, self.limit))
