@@ -25,6 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from phi3_jax.hlo import INSTR as _INSTR, shape_bytes, shape_elements  # noqa: E402
+
 H100_SXM = """
 gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -42,31 +44,6 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 H100_BANDWIDTH = 3.35e12  # bytes/s (HBM3, SXM)
 KERNEL_OPS = {"fusion", "custom-call", "copy", "scatter", "gather", "reduce", "transpose", "dynamic-update-slice",
               "while", "sort"}
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
-_INSTR = re.compile(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, |$)")
-
-
-def _arrays(text: str):
-    """(dtype, element count) of every array shape written in `text`."""
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        yield dtype, n
-
-
-def shape_elements(text: str) -> int:
-    """Elements of every array shape written in `text`."""
-    return sum(n for _, n in _arrays(text))
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of every array shape written in `text` (a tuple shape counts each element)."""
-    return sum(n * _BYTES[dtype] for dtype, n in _arrays(text))
-
-
 _SLICING = ("slice", "dynamic-slice", "gather")
 _COMPUTATION = re.compile(r"^%([\w.\-]+) \(.*\{$")
 

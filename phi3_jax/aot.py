@@ -11,7 +11,9 @@ built, no tokenizer file is read (unless vocab_size=-1 needs one), no weights ar
 
 Prints the topology, the mesh, per-chip memory from `compiled.memory_analysis()` (arguments, outputs,
 temporaries, generated code, total against the chip's HBM), whether it fits, FLOPs per chip from
-`compiled.cost_analysis()`, and the lowering / compile times. Exit status: 0 fits, 1 does not fit (or a
+`compiled.cost_analysis()`, the bytes that the step's collectives (all-gather, reduce-scatter, all-reduce,
+collective-permute, all-to-all) handle per chip (`hlo.collective_bytes`: what a mesh shape costs in
+communication), and the lowering / compile times. Exit status: 0 fits, 1 does not fit (or a
 config / sharding error), 2 usage error (unknown topology, libtpu missing, bad flags).
 
 Topology names: Cloud TPU slice names, `v5p-128` / `v4-32` (v4 and v5p count TensorCores: two per chip,
@@ -33,6 +35,8 @@ import re
 import sys
 import time
 from typing import Any
+
+from phi3_jax import hlo
 
 GiB = 1024 ** 3
 
@@ -180,6 +184,8 @@ class Report:
     flops: float | None = None  # per chip per step, compiled.cost_analysis()
     model_flops: float = 0.0  # per chip per step, ModelConfig.flops_per_token
     scanned: bool = False  # layers under lax.scan: XLA's cost analysis counts the loop body once
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # per chip per step, bytes by kind
+    collectives_exact: bool = True  # every loop's trip count was read from the HLO
     error: str | None = None  # the compiler's out-of-memory message, or why nothing was compiled
     compiled: Any = dataclasses.field(default=None, repr=False)  # jax.stages.Compiled (as_text(), ...)
 
@@ -312,6 +318,7 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
                       "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
                       "generated_code": m.generated_code_size_in_bytes,
                       "peak": getattr(m, "peak_memory_in_bytes", 0) or 0}
+    rep.collectives, rep.collectives_exact = hlo.collective_bytes(compiled.as_text())
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
@@ -347,6 +354,14 @@ def format_report(rep: Report) -> str:
         note = " (XLA counts the scanned layer loop once: a lower bound)" if rep.scanned else ""
         out.append(f"FLOPs per chip per step: {rep.flops:.3g} from compiled.cost_analysis(){note}; "
                    f"{rep.model_flops:.3g} by the model's estimate (ModelConfig.flops_per_token)")
+    if rep.memory:
+        kinds = [k for k in hlo.COLLECTIVES if rep.collectives.get(k)]
+        size = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2 ** 20:.2f} MiB"  # noqa: E731
+        parts = ", ".join(f"{k} {size(rep.collectives[k])}" for k in kinds)
+        bound = "" if rep.collectives_exact else " (a loop of unknown length counted once: a lower bound)"
+        out.append(f"collectives per chip per step: {parts}; {size(sum(rep.collectives.values()))} in all (the "
+                   f"arrays they handle, from the compiled HLO, every layer of the scans counted){bound}"
+                   if kinds else "collectives per chip per step: none")
     if rep.error:
         if rep.compile_s:
             out.append(f"compile stopped after {rep.compile_s:.1f} s (lowering {rep.lower_s:.1f} s)")

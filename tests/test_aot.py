@@ -111,6 +111,11 @@ def test_tiny_configs_fit(libtpu, config, overrides, topology):
     assert m["argument"] >= rep.state_bytes and m["temp"] > 0
     assert m["alias"] >= rep.state_bytes * 0.99  # the state is donated
     assert rep.compile_s > 0 and rep.flops and rep.flops > 0
+    # Every float32 gradient is reduced over the chips once a step: reduce-scattered to its fsdp shard, or
+    # all-reduced where it is replicated (norm scales); FSDP gathers the weights.
+    c = rep.collectives
+    assert rep.collectives_exact and c["all-gather"] > 0
+    assert abs(c.get("reduce-scatter", 0) + c.get("all-reduce", 0) - 4 * rep.params) < 0.01 * 4 * rep.params, c
     assert "fits" in aot.format_report(rep).splitlines()[-1]
 
 
@@ -150,7 +155,7 @@ def test_cli_fits(libtpu):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for needle in ("v5e:2x2: 4 chips", "'fsdp': 4", "arguments", "outputs", "temporaries", "generated code",
-                   "of 16 GiB HBM", "FLOPs per chip", "compiled in"):
+                   "of 16 GiB HBM", "FLOPs per chip", "compiled in", "collectives per chip per step: all-gather"):
         assert needle in out, (needle, out)
     assert out.strip().splitlines()[-1] == "fits"
 
