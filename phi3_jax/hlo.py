@@ -59,15 +59,15 @@ def computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
 
 def trip_count(while_line: str, comps: dict[str, list[str]]) -> int | None:
     """Iterations of a `while`: XLA's known_trip_count where the backend writes it (CPU, GPU), else a
-    condition `counter < N` with a constant N (a `lax.scan` on TPU, whose counter starts at 0); None if
-    neither reads."""
+    condition `counter < N` with a constant N (XLA:TPU's form of a `lax.scan`, and of the loops of its
+    windowed matmuls, whose counters start at 0); None if neither reads."""
     known = re.search(r'known_trip_count":\{"n":"(\d+)"', while_line)
     if known:
         return int(known.group(1))
     cond = re.search(r"\bcondition=%([\w.\-]+)", while_line)
     lines = comps.get(cond.group(1), []) if cond else []
     constants = {m.group(1): int(m.group(2)) for m in
-                 (re.match(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", line) for line in lines) if m}
+                 (re.match(r"%([\w.\-]+) = [su](?:32|64)\[\]\S* constant\((\d+)\)", line) for line in lines) if m}
     for line in lines:
         root = re.match(r"ROOT %[\w.\-]+ = pred\[\]\S* compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
         if root and root.group(1) in constants:

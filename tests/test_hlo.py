@@ -1,6 +1,7 @@
 """phi3_jax.hlo: the collectives a compiled step runs, per device, with loops counted per iteration."""
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from phi3_jax import hlo
@@ -74,8 +75,11 @@ ENTRY %main.34_spmd (param: bf16[64]) -> bf16[64] {
 """
 
 
-def test_collective_bytes_of_tpu_text():
-    got, exact = hlo.collective_bytes(TPU_TEXT)
+@pytest.mark.parametrize("counter", ["s32", "u32"])  # a scan's counter; the windowed matmuls' loops count in u32
+def test_collective_bytes_of_tpu_text(counter):
+    text = TPU_TEXT.replace("s32[]{:T(128)} constant(32)",
+                            f'{counter}[]{{:T(128)}} constant(32), metadata={{op_name="dot_general"}}')
+    got, exact = hlo.collective_bytes(text)
     assert exact
     assert got == {
         "all-gather": 32 * 3072 * 2304 * 2 + 64 * 4,  # the loop's gather, and the conditional's larger branch
