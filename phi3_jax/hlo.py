@@ -104,7 +104,7 @@ def collective_bytes(hlo_text: str) -> tuple[dict[str, int], bool]:
                 continue
             if kind in COLLECTIVES:
                 out[kind] += shape_bytes(shape)
-            if op.endswith("-done"):  # the end of an asynchronous op, whose start names what it runs
+            if op.endswith("-done") or op == "async-update":  # an asynchronous op's start names what it runs
                 continue
             fused = re.search(r"\bcalls=%(all-reduce-scatter[\w.\-]*)", line) if op == "fusion" else None
             if fused:  # XLA:TPU's reduce-scatter: an all-reduce and this device's slice, fused

@@ -93,3 +93,21 @@ def test_a_loop_of_unknown_length_counts_once_and_says_so():
     text = TPU_TEXT.replace("direction=LT", "direction=NE")
     got, exact = hlo.collective_bytes(text)
     assert not exact and got["collective-permute"] == 1536 * 768 * 2
+
+
+def test_an_asynchronous_wrapper_counts_its_collective_once():
+    text = """HloModule m
+
+%wrapped_all_gather (p: f32[8]) -> f32[64] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %ag = f32[64]{0} all-gather(%p), dimensions={0}
+}
+
+ENTRY %main (x: f32[8]) -> f32[64] {
+  %x = f32[8]{0} parameter(0)
+  %start = ((f32[8]{0}), f32[64]{0}, u32[]) async-start(%x), calls=%wrapped_all_gather
+  %update = ((f32[8]{0}), f32[64]{0}, u32[]) async-update(%start), calls=%wrapped_all_gather
+  ROOT %done = f32[64]{0} async-done(%update), calls=%wrapped_all_gather
+}
+"""
+    assert hlo.collective_bytes(text) == ({"all-gather": 64 * 4}, True)
