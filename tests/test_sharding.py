@@ -134,7 +134,7 @@ def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
 
     mesh = shd.make_mesh({"fsdp": 8})
     B, T, D = 16, 24, 64
-    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+    cfg = dataclasses.replace(get_preset(preset), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=16, intermediate_size=96, attention_impl="xla")
     fns = ts.build(cfg, optax.adamw(1e-3), mesh)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
@@ -151,12 +151,13 @@ def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
     assert len(loops) == 2 and all(f"(s32[], f32[{B // 8},{T},{D}]" in line for line in loops), loops
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_tensor_parallelism_moves_weights_not_activations(kv_heads, capfd):
+@pytest.mark.parametrize("preset,kv_heads", [("phi-3-tiny", 4), ("phi-3-tiny", 2), ("phi-3-small-tiny", 2)])
+def test_tensor_parallelism_moves_weights_not_activations(preset, kv_heads, capfd):
     """fsdp=4 x tensor=2: each device cuts its own q, k, v and gate, up out of the fused projections (the
     kernels' columns are regrouped per device), so no activation is permuted between devices, and the
     embedding's gradient does not replicate the batch. Cutting the checkpoint's [q | k | v] and
-    [gate | up] orders moved [B/4, T, ...] slices (collective permutes, all-to-alls in the backward pass)."""
+    [gate | up] orders moved [B/4, T, ...] slices (collective permutes, all-to-alls in the backward pass).
+    phi-3-small's fused layouts (q, k, v grouped per kv head; gate and up interleaved) split in place."""
     import dataclasses
     import re
 
