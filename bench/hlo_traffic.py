@@ -15,8 +15,8 @@ move whole activations or weights and how a model change moves the total, on a h
         [--form NAME=VALUE ...]   # a kernel form of the step, as bench/train_step.py --form
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=/tmp/cudaplug python bench/hlo_traffic.py --decode   # the sampler
 
-The figures in bench/RESULTS.md came from the jax-cuda13 0.12.0.1 plugin. The 0.12.1 plugin stops at the
-cuDNN attention call: "deviceless cuDNN compilation is not enabled", and with
+JAXVERSION: 0.12.0.1 (the figures in bench/RESULTS.md; it also runs under jax 0.12.1). The 0.12.1 plugin
+stops at the cuDNN attention call: "deviceless cuDNN compilation is not enabled", and with
 XLA_FLAGS=--xla_gpu_cudnn_deviceless_compilation_mode=CUDNN_DEVICELESS_COMPILATION_ALWAYS "Deviceless cuDNN
 compilation requires cuDNN >= 9.8" (with cuDNN 9.24 installed beside it).
 """
