@@ -112,7 +112,7 @@ def _lookup_fwd(table_VD, ids_BT, dtype):
 def _lookup_bwd(dtype, res, ct_BTD):
     table_VD, ids_BT = res
     # Each device scatter-adds its own rows into a table gathered over `embed` (the lookup's layout, mirrored);
-    # XLA then reduce-scatters it to the table's sharding. Left to itself, it gives the scatter the table's
+    # XLA then sums the devices' tables into the table's sharding. Left to itself, it gives the scatter the table's
     # fsdp-over-`embed` layout, and so re-splits the residual gradient by hidden dimension, replicating the
     # whole batch on the way ("Involuntary full rematerialization", with tensor parallelism).
     zeros_VD = shd.constrain(jnp.zeros(table_VD.shape, jnp.float32), shd.GATHERED_VD)
