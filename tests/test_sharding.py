@@ -134,7 +134,7 @@ def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
 
     mesh = shd.make_mesh({"fsdp": 8})
     B, T, D = 16, 24, 64
-    cfg = dataclasses.replace(get_preset(preset), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=16, intermediate_size=96, attention_impl="xla")
     fns = ts.build(cfg, optax.adamw(1e-3), mesh)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
@@ -168,7 +168,7 @@ def test_tensor_parallelism_moves_weights_not_activations(preset, kv_heads, capf
 
     mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
     B, T, D, H = 8, 128, 64, 16
-    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+    cfg = dataclasses.replace(get_preset(preset), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
                               num_kv_heads=kv_heads, head_dim=H, intermediate_size=96, attention_impl="xla")
     fns = ts.build(cfg, optax.adamw(1e-3), mesh)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
