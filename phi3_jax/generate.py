@@ -120,24 +120,35 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, tem
     return tokenizer.decode(new, skip_special=True)
 
 
-def tokenizer_for(path, spec: str | None = None):
-    """The tokenizer to sample from the model at `path` with: `spec` ("KIND" or "KIND:PATH") if given, else
-    the training run's (from its saved config), else an HF folder's tokenizer.json."""
+def recorded_tokenizer(path):
+    """The tokenizer stored with the model at `path`: the training run's (from its saved config), else an HF
+    folder's tokenizer.json; None if there is neither."""
     from phi3_jax.checkpoint import read_train_config, resolve
-    from phi3_jax.data import make_tokenizer
+    from phi3_jax.convert.hf_tokenizer import TOKENIZER_NAME, read_hf_tokenizer
     from phi3_jax.data.pipeline import make_tokenizer_from_config
 
-    if spec:
-        kind, _, file = spec.partition(":")
-        return make_tokenizer(kind, file or None)
     train_config = read_train_config(path)
     if train_config is not None:
         return make_tokenizer_from_config(train_config.get("data"))
     src = resolve(path)
-    if src.kind == "hf" and (src.path / "tokenizer.json").is_file():
-        return make_tokenizer("hf", str(src.path / "tokenizer.json"))
-    raise ValueError(f"{path}: no tokenizer recorded (no training config, no tokenizer.json); pass --tokenizer "
-                     "KIND[:PATH] (byte, sentencepiece, hf, tiktoken)")
+    if src.kind == "hf" and (src.path / TOKENIZER_NAME).is_file():
+        return read_hf_tokenizer(src.path)
+    return None
+
+
+def tokenizer_for(path, spec: str | None = None):
+    """The tokenizer to sample from the model at `path` with: `spec` ("KIND" or "KIND:PATH") if given, else
+    `recorded_tokenizer(path)`."""
+    from phi3_jax.data import make_tokenizer
+
+    if spec:
+        kind, _, file = spec.partition(":")
+        return make_tokenizer(kind, file or None)
+    tok = recorded_tokenizer(path)
+    if tok is None:
+        raise ValueError(f"{path}: no tokenizer recorded (no training config, no tokenizer.json); pass --tokenizer "
+                         "KIND[:PATH] (byte, sentencepiece, hf, tiktoken)")
+    return tok
 
 
 def build_parser() -> argparse.ArgumentParser:

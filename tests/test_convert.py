@@ -309,6 +309,75 @@ def test_output_exists(tmp_path, ckpt, capsys):
     assert snapshot(ckpt.parent) == before and (out / "model.safetensors").exists()
 
 
+def test_export_writes_the_training_tokenizer(tmp_path, capsys):
+    """A training checkpoint's tokenizer goes into the HF folder: transformers' tokenizer and model there greedily
+    continue a chat prompt token for token as phi3_jax does from the same folder."""
+    from transformers import AutoTokenizer
+
+    from phi3_jax.generate import generate_ids, recorded_tokenizer
+
+    hf = make_hf(tmp_path / "hf", vocab_size=320, bos_token_id=256, eos_token_id=256, pad_token_id=261)
+    assert _cli("import-hf", "--hf-dir", hf, "--out", tmp_path / "ckpt") == 0
+    cfg = read_config(tmp_path / "ckpt")
+    workdir = tmp_path / "workdir"
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        mngr.save(5, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(restore_params(tmp_path / "ckpt", cfg)),
+            config=ocp.args.JsonSave(cfg.to_dict()),
+            train_config=ocp.args.JsonSave({"data": {"sources": [], "tokenizer": {"kind": "byte",
+                                                                                  "chat_template": "phi3.5"}}})))
+        mngr.wait_until_finished()
+    out = tmp_path / "out"
+    assert _cli("export-hf", "--ckpt", workdir, "--out", out) == 0
+    assert "byte tokenizer, chat template 'phi3.5'" in capsys.readouterr().out
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [256, 260]  # <|end|> stops
+
+    auto, ours = AutoTokenizer.from_pretrained(out), recorded_tokenizer(out)
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2 + 2?"}]
+    text = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = auto.encode(text, add_special_tokens=False)
+    assert ids == ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    with torch.no_grad():
+        theirs = load_hf(str(out)).generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+    new = generate_ids(phi3_jax.load(out), ids, 16, stop_ids=ours.stop_ids, pad_id=ours.pad_id)
+    theirs = theirs.tolist()
+    assert theirs[:len(new)] == new and (len(new) == 16 or theirs[len(new)] in ours.stop_ids)
+
+    # --tokenizer none: the weights alone; a checkpoint with no training config has no tokenizer to write.
+    assert _cli("export-hf", "--ckpt", workdir, "--out", tmp_path / "bare", "--tokenizer", "none") == 0
+    assert _cli("export-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "bare2") == 0
+    assert "none recorded" in capsys.readouterr().out
+    for d in ("bare", "bare2"):
+        assert not (tmp_path / d / "tokenizer.json").exists() and (tmp_path / d / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sentencepiece:{sp}", "no tokenizer.json form here; pass --tokenizer none"),
+    ("hf:{missing}", "tokenizer.json file not found"),
+    ("tiktoken:{bpe}", "ids up to 100351, the model 256 rows"),
+    ("wordpiece", "unknown tokenizer kind"),
+])
+def test_export_tokenizer_errors(tmp_path, ckpt, capsys, spec, message):
+    from test_tokenizers import _corpus, _tiny_bpe_ranks
+
+    from phi3_jax.data.train_sentencepiece import main as train_sp
+
+    paths = {"sp": str(tmp_path / "sp.model"), "missing": str(tmp_path / "nothing.json"),
+             "bpe": str(tmp_path / "tiny.tiktoken")}
+    if spec.startswith("sentencepiece"):
+        assert train_sp(["--input", "textbook:300", "--vocab_size", "400", "--out", str(tmp_path / "sp")]) == 0
+    if spec.startswith("tiktoken"):
+        import base64
+
+        ranks = _tiny_bpe_ranks(_corpus(20), merges=5)
+        (tmp_path / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    out = tmp_path / "out"
+    assert _cli("export-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", spec.format(**paths)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_bad_index(tmp_path, hf32):
     bad = tmp_path / "bad"
     shutil.copytree(hf32, bad)

@@ -226,3 +226,74 @@ def test_tiktoken_rereads_changed_file(tmp_path):
     ranks[b"ab"] = 256
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     assert make_tokenizer("tiktoken", str(path)).encode("ab") == [256]
+
+
+# ----- the tokenizer as Hugging Face files (export-hf) -----
+
+def _fuzz(n=12, length=160):
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab c\n\t\r 0123456789é中😀'sLL  ,.!?<|>_-\u00a0"
+    return ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def exportable(bpe_path, hf_path):
+    return {"byte": make_tokenizer("byte"), "hf": make_tokenizer("hf", hf_path),
+            "tiktoken": make_tokenizer("tiktoken", bpe_path, preset="generic"),
+            "tiktoken-phi3-small": make_tokenizer("tiktoken", bpe_path)}
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf", "tiktoken", "tiktoken-phi3-small"])
+def test_hf_tokenizer_files_encode_as_ours(tmp_path, exportable, kind):
+    """tokenizer.json (read by the `tokenizers` library, by transformers, and back as phi3_jax's `hf` kind) gives
+    our ids for text with and without special tokens, and the same specials, stops and chat template."""
+    from tokenizers import Tokenizer as HFLib
+    from transformers import AutoTokenizer
+
+    from phi3_jax.convert.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
+
+    tok = exportable[kind]
+    for name, text in hf_tokenizer_files(tok, 4096).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    lib, auto, back = HFLib.from_file(str(tmp_path / "tokenizer.json")), AutoTokenizer.from_pretrained(tmp_path), \
+        read_hf_tokenizer(tmp_path)
+    prompt = tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    for text in TEXTS + _fuzz() + _corpus(10) + [prompt]:
+        ids = tok.encode(text, allow_special=True)
+        assert lib.encode(text, add_special_tokens=False).ids == ids, text
+        assert auto.encode(text, add_special_tokens=False) == ids, text
+        assert back.encode(text, allow_special=True) == ids and back.encode(text) == tok.encode(text), text
+        assert lib.decode(ids, skip_special_tokens=False) == tok.decode(ids) == back.decode(ids)
+    assert (auto.bos_token, auto.eos_token, auto.pad_token) == (tok.bos_token, tok.eos_token, tok.pad_token)
+    assert back.special_tokens == tok.special_tokens and back.stop_ids == tok.stop_ids
+    assert (back.vocab_size, back.pad_id, back.chat_template) == (tok.vocab_size, tok.pad_id, tok.chat_template)
+    assert auto.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == prompt
+
+
+@pytest.mark.parametrize("template", ["phi3", "phi3.5", "phi3-mini-april", "phi3-medium", "phi3-small"])
+def test_jinja_chat_templates_render_as_ours(tmp_path, template):
+    """transformers renders each exported Jinja template exactly as `render_chat` does."""
+    from transformers import AutoTokenizer
+
+    from phi3_jax.convert.hf_tokenizer import hf_tokenizer_files
+
+    tok = make_tokenizer("byte", chat_template=template)
+    for name, text in hf_tokenizer_files(tok, 4096).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    conversations = [CHAT, CHAT[:2], CHAT[1:3], [{"role": "system", "content": ""}] + CHAT[1:],
+                     [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "a\nb"}]]
+    for messages in conversations:
+        for add in (True, False):
+            ours = render_chat(template, messages, add_generation_prompt=add, bos_token=tok.bos_token,
+                               eos_token=tok.eos_token)
+            assert auto.apply_chat_template(messages, add_generation_prompt=add, tokenize=False) == ours
+
+
+def test_sentencepiece_has_no_tokenizer_json(sp_path):
+    from phi3_jax.convert.hf_tokenizer import tokenizer_json
+
+    with pytest.raises(DataError, match="--tokenizer none"):
+        tokenizer_json(make_tokenizer("sentencepiece", sp_path))

@@ -1,7 +1,12 @@
 """Command line: move weights between Hugging Face folders and phi3_jax checkpoints.
 
     python -m phi3_jax.convert import-hf --hf-dir DIR --out CKPT [--dtype bfloat16] [--force]
-    python -m phi3_jax.convert export-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--max-shard-size 5GB] [--force]
+    python -m phi3_jax.convert export-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
+        [--tokenizer none|KIND[:PATH]] [--force]
+
+export-hf writes the tokenizer the checkpoint was trained with (its saved config names it) as tokenizer.json
+and tokenizer_config.json, chat template included (`phi3_jax.convert.hf_tokenizer`), and lists its stop
+tokens in generation_config.json; a checkpoint with no training config gets none unless --tokenizer names one.
 
 A mistake the user can fix (bad config, missing tensor, existing output) prints one line on stderr and
 exits with status 2; nothing is written.
@@ -41,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=dtypes, help="tensor dtype to write (default: the checkpoint's)")
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB",
                      help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    exp.add_argument("--tokenizer", metavar="SPEC",
+                     help="KIND or KIND:PATH (byte, hf, tiktoken) to write, or none (default: the one the checkpoint "
+                          "was trained with)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -64,9 +72,30 @@ def export_hf(args) -> str:
 
     prepare_out_dir(args.out, args.force, source=args.ckpt)
     cfg = read_config(args.ckpt)
+    tok, files = export_tokenizer(args.ckpt, args.tokenizer, cfg)  # before reading the weights: fails fast
     flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten(restore_params(args.ckpt, cfg)).items()}
-    out = write_hf(args.out, cfg, flat, dtype=args.dtype, max_shard_bytes=args.max_shard_size, force=args.force)
-    return f"wrote {out} ({cfg.param_count():,} parameters, {args.dtype or cfg.param_dtype})"
+    out = write_hf(args.out, cfg, flat, dtype=args.dtype, max_shard_bytes=args.max_shard_size, force=args.force,
+                   files=files, stop_ids=tok.stop_ids if tok is not None else ())
+    what = (f"{tok.kind} tokenizer, chat template {tok.chat_template!r}" if tok is not None else
+            "no tokenizer" + ("" if args.tokenizer == "none" else " (none recorded; --tokenizer KIND[:PATH] adds one)"))
+    return f"wrote {out} ({cfg.param_count():,} parameters, {args.dtype or cfg.param_dtype}; {what})"
+
+
+def export_tokenizer(ckpt, spec: str | None, cfg):
+    """(tokenizer, {file name: text}) that export-hf writes: `spec`'s tokenizer (None: the recorded one, if
+    any; "none": no tokenizer)."""
+    from phi3_jax.convert.hf_tokenizer import hf_tokenizer_files
+    from phi3_jax.data.errors import DataError
+    from phi3_jax.generate import recorded_tokenizer, tokenizer_for
+
+    tok = None if spec == "none" else tokenizer_for(ckpt, spec) if spec else recorded_tokenizer(ckpt)
+    if tok is None:
+        return None, {}
+    files = hf_tokenizer_files(tok, cfg.max_position_embeddings)
+    if max(tok.special_tokens.values()) >= cfg.vocab_size:
+        raise DataError(f"the {tok.kind} tokenizer has ids up to {max(tok.special_tokens.values())}, the model "
+                        f"{cfg.vocab_size} rows: pass the --tokenizer the model was trained with")
+    return tok, files
 
 
 def main(argv=None) -> int:
@@ -74,11 +103,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion needs no accelerator
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax warns before our own message says it better
     from phi3_jax.convert.hf_weights import CheckpointError
+    from phi3_jax.data.errors import DataError
     from phi3_jax.model.config import ConfigError
 
     try:
         msg = (import_hf if args.command == "import-hf" else export_hf)(args)
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (ConfigError, CheckpointError, DataError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(msg)

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -136,12 +136,14 @@ def _np_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
-def generation_config(cfg: ModelConfig) -> dict:
+def generation_config(cfg: ModelConfig, stop_ids: Sequence[int] = ()) -> dict:
+    """bos / eos / pad ids for transformers' generate(); eos lists every stop id: `stop_ids` (the tokenizer's)
+    when given, else the released tokenizer's where the vocabulary has its size."""
     eos = cfg.eos_token_id
     eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
-    stops = {"phi3": PHI3_STOP_IDS, "phi3small": PHI3_SMALL_STOP_IDS}[cfg.family]
+    stops = tuple(stop_ids) or {"phi3": PHI3_STOP_IDS, "phi3small": PHI3_SMALL_STOP_IDS}[cfg.family]
     if cfg.vocab_size > max(stops):
-        eos_ids += [i for i in stops if i not in eos_ids]
+        eos_ids += [int(i) for i in stops if i not in eos_ids]
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
            "pad_token_id": cfg.pad_token_id}
     return {k: v for k, v in gen.items() if v is not None and v != []}
@@ -217,8 +219,10 @@ def _default_permissions(root: Path) -> None:
 
 
 def write_hf(out: str | os.PathLike, cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray], *,
-             dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False) -> Path:
-    """Writes a Hugging Face folder; tensors in `dtype` (default cfg.param_dtype), bytes unchanged otherwise."""
+             dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
+             files: Mapping[str, str] | None = None, stop_ids: Sequence[int] = ()) -> Path:
+    """Writes a Hugging Face folder; tensors in `dtype` (default cfg.param_dtype), bytes unchanged otherwise.
+    `files` ({name: text}, the tokenizer's) go in beside them; `stop_ids` see `generation_config`."""
     out = prepare_out_dir(out, force)
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes={max_shard_bytes} must be positive")
@@ -230,7 +234,9 @@ def write_hf(out: str | os.PathLike, cfg: ModelConfig, params: dict[tuple[str, .
     shards = plan_shards(tensors, max_shard_bytes)
     with atomic_dir(out) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
-        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config(cfg, stop_ids), indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _write_shards(tmp, tensors, shards)
     return out
 

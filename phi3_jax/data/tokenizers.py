@@ -276,7 +276,7 @@ class HFTokenizer(Tokenizer):
         bos = bos_token or ("<s>" if "<s>" in specials else eos)
         extra = PHI3_MINI_STOP_IDS if specials.get(ASSISTANT) == 32001 else ()
         super().__init__(special_tokens=specials, bos_token=bos, eos_token=eos, pad_token=pad_token or eos,
-                         vocab_size=pad_vocab(self._tok.get_vocab_size(with_added_tokens=True)),
+                         vocab_size=pad_vocab(max(self._tok.get_vocab(with_added_tokens=True).values()) + 1),
                          chat_template=chat_template or "phi3", extra_stop_ids=extra,
                          init_kwargs={"path": str(p), "chat_template": chat_template, "bos_token": bos_token,
                                       "eos_token": eos_token, "pad_token": pad_token})
