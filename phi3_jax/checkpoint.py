@@ -14,6 +14,7 @@ temporary folder, and `save_model` builds the whole directory under a temporary 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -430,17 +431,36 @@ class TrainCheckpointer:
         self._mngr.close()
 
 
-def _changed_train_fields(step_dir: Path, train_config: dict | None) -> str:
-    """The `train` fields that differ from the step's saved config, as a parenthesis for a message."""
+def config_changes(step_dir: str | os.PathLike, train_config: dict | None) -> list[str]:
+    """"section.field: saved -> now" for each field of `train_config` (a resolved training config) that differs
+    from the one saved with the checkpoint step `step_dir` (empty when the step saved none)."""
+    step_dir = Path(step_dir)
     try:
         saved = _read_json_item(Source("checkpoint", step_dir.parent, int(step_dir.name)), TRAIN_CONFIG_ITEM)
-    except CheckpointError:
-        return ""
-    now = (train_config or {}).get("train")
-    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(now, dict):
-        return ""
-    changed = sorted(k for k in set(saved["train"]) | set(now) if saved["train"].get(k) != now.get(k))
-    return f" (train.{', train.'.join(changed)} changed since it was saved)" if changed else ""
+    except (CheckpointError, ValueError):
+        return []
+    now = json.loads(json.dumps(train_config or {}, default=str))  # tuples as lists, as the saved JSON has them
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    old, new = flat(saved), flat(now)
+    missing = object()
+    show = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
+    return [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}" for k in sorted(set(old) | set(new))
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def _changed_train_fields(step_dir: Path, train_config: dict | None) -> str:
+    """The `train` fields that differ from the step's saved config, as a parenthesis for a message."""
+    changed = [c.split(":")[0] for c in config_changes(step_dir, train_config) if c.startswith("train.")]
+    return f" ({', '.join(changed)} changed since it was saved)" if changed else ""
 
 
 def _check_data_processes(data_dir: Path) -> None:

@@ -135,6 +135,10 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         state = ckpt.restore(start, fns.abstract_state, model_cfg, feed, r.raw)
         _log(f"resumed from {ckpt.directory / str(start)}"
              + (f" (--init_from {init_from} applies to a fresh workdir only)" if init_from else ""))
+        changes = ckpt_lib.config_changes(ckpt.directory / str(start), r.raw)
+        if changes:  # e.g. a longer run or a new learning rate: allowed, but never silent
+            _log(f"config changed since that checkpoint ({len(changes)}): " + "; ".join(changes[:8])
+                 + (f"; and {len(changes) - 8} more" if len(changes) > 8 else ""))
     else:
         if init_from:
             src_cfg = ckpt_lib.read_config(init_from).to_dict()

@@ -48,7 +48,7 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path):
     assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]  # exact, step for step
 
 
-def test_async_checkpoints_keep_last_and_every_and_hold_the_step_state(tmp_path):
+def test_async_checkpoints_keep_last_and_every_and_hold_the_step_state(tmp_path, capsys):
     from phi3_jax.checkpoint import read_config, restore_params
 
     def cfg(steps):
@@ -70,6 +70,10 @@ def test_async_checkpoints_keep_last_and_every_and_hold_the_step_state(tmp_path)
     import numpy as np
 
     jax.tree.map(np.testing.assert_array_equal, step3, short)
+    # Extending a finished run resumes it, and says what changed since its checkpoint.
+    capsys.readouterr()
+    run(cfg(5), str(tmp_path / "short"))
+    assert "config changed since that checkpoint (1): train.steps: 3 -> 5" in capsys.readouterr().out
 
 
 def test_bf16_compute_resume_recasts_the_weights_and_matches(tmp_path, monkeypatch):
