@@ -370,7 +370,8 @@ def test_export_tokenizer_errors(tmp_path, ckpt, capsys, spec, message):
         import base64
 
         ranks = _tiny_bpe_ranks(_corpus(20), merges=5)
-        (tmp_path / "tiny.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+        lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()]
+        (tmp_path / "tiny.tiktoken").write_text("".join(lines))
     out = tmp_path / "out"
     assert _cli("export-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", spec.format(**paths)) == 2
     err = capsys.readouterr().err

@@ -151,12 +151,30 @@ def test_train_step_keeps_the_residual_stream_sharded_over_the_batch():
     assert len(loops) == 2 and all(f"(s32[], f32[{B // 8},{T},{D}]" in line for line in loops), loops
 
 
+def _in_loops(hlo: str, ops) -> list[str]:
+    """The instructions of kinds `ops` inside `while` bodies (and the computations those call)."""
+    import re
+
+    from phi3_jax.hlo import computations
+
+    comps, _ = computations(hlo)
+    seen, todo = set(), re.findall(r"body=%([\w.\-]+)", hlo)
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in comps:
+            seen.add(name)
+            for line in comps[name]:
+                todo += re.findall(r"\b(?:calls|to_apply|body|condition)=%([\w.\-]+)", line)
+    return [line for name in seen for line in comps[name] if re.search(rf"\s({'|'.join(ops)})(-start)?\(", line)]
+
+
 @pytest.mark.parametrize("preset,kv_heads", [("phi-3-tiny", 4), ("phi-3-tiny", 2), ("phi-3-small-tiny", 2)])
 def test_tensor_parallelism_moves_weights_not_activations(preset, kv_heads, capfd):
     """fsdp=4 x tensor=2: each device cuts its own q, k, v and gate, up out of the fused projections (the
-    kernels' columns are regrouped per device), so no activation is permuted between devices, and the
-    embedding's gradient does not replicate the batch. Cutting the checkpoint's [q | k | v] and
-    [gate | up] orders moved [B/4, T, ...] slices (collective permutes, all-to-alls in the backward pass).
+    kernels' columns are regrouped per device, once a step), so no activation is permuted between devices,
+    and the embedding's gradient does not replicate the batch. Cutting the checkpoint's [q | k | v] and
+    [gate | up] orders moved [B/4, T, ...] slices (collective permutes, all-to-alls in the backward pass);
+    regrouping inside the layer scan permuted each layer's weights in every pass.
     phi-3-small's fused layouts (q, k, v grouped per kv head; gate and up interleaved) split in place."""
     import dataclasses
     import re
@@ -188,6 +206,8 @@ def test_tensor_parallelism_moves_weights_not_activations(preset, kv_heads, capf
     # An activation slice holds at least (B/4) * T * H numbers; the regrouped kernels' slices [D/4, <= 2I/2] fewer.
     permuted = moved("collective-permute") + moved("all-to-all")
     assert max(permuted, default=0) < (B // 4) * T * H, permuted
+    # The kernels are regrouped once a step, before the layer scan: no pass over a layer permutes its weights.
+    assert not _in_loops(hlo, ("collective-permute", "all-to-all"))
     assert max(moved("all-gather")) < B * T * D, moved("all-gather")  # never the whole batch's residual stream
     # XLA's SPMD partitioner says so on stderr when it must replicate an array to re-split it (here: the
     # embedding's gradient, given the table's fsdp-over-`embed` layout, re-split the residual gradient).

@@ -33,6 +33,13 @@ def window_bound(cfg: ModelConfig) -> int | None:
     return cfg.sliding_window if cfg.sliding_window_mode == "flash" else cfg.sliding_window - 1
 
 
+def qkv_split(cfg: ModelConfig) -> tuple[tuple[int, int, int], int]:
+    """The fused [q | k | v] kernel's pieces, and into how many device slices tensor parallelism cuts each
+    (1: no split; phi-3-small's groups [q.. k v] per kv head already keep each device's heads together)."""
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return (N * H, K * H, K * H), 1 if cfg.family == "phi3small" else shd.even_shards("activation_heads", (N, K))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -41,18 +48,17 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, *, segment_ids_BT=None, layout=None, impl: str = "auto",
-                 kv_cache=None):
+                 kv_cache=None, regrouped: bool = False):
         """Self-attention output [B, T, D]; with `kv_cache` = (k_LBSKH, v_LBSKH, layer, lengths_B, positions_BT)
         (every layer's cache stacked), the new keys and values are written into this layer's slots first
         and (output, (k_LBSKH, v_LBSKH)) is returned. positions_BT None: a prefill into an empty cache,
-        where the new tokens attend among themselves."""
+        where the new tokens attend among themselves. `regrouped`: see `Linear.split`."""
         cfg = self.cfg
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         B, T = x_BTD.shape[:2]
-        # phi3small's groups [q.. k v] per kv head already keep each device's heads together.
-        shards = 1 if cfg.family == "phi3small" else shd.even_shards("activation_heads", (N, K))
+        sizes, shards = qkv_split(cfg)
         if shards > 1:  # tensor parallelism: each device projects onto its own heads of q, k and v
-            q_BTF, k_BTF, v_BTF = self.qkv_proj.split(x_BTD, (N * H, K * H, K * H), shards, "activation_heads")
+            q_BTF, k_BTF, v_BTF = self.qkv_proj.split(x_BTD, sizes, shards, "activation_heads", regrouped)
             q_BTNH, k_BTKH = q_BTF.reshape(B, T, N, H), k_BTF.reshape(B, T, K, H)
             v_BTKH = v_BTF.reshape(B, T, K, H)
             q_BTNH, k_BTKH = apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH)

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi3_jax import sharding as shd
-from phi3_jax.model.attention import Attention
+from phi3_jax.model.attention import Attention, qkv_split
 from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
-from phi3_jax.model.layers import MLP, Embed, Linear, Norm, dropout, dtype_of, fold_rows, rope_tables
+from phi3_jax.model.layers import (MLP, Embed, Linear, Norm, dropout, dtype_of, fold_rows, gate_up_split,
+                                   regroup_columns, rope_tables)
 from phi3_jax.ops.cross_entropy import head_logits, head_loss
 
 
@@ -30,13 +31,14 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layout, impl, kv_cache=None, dropout_keys_B=None,
-                 residual_BTD=None, defer_residual: bool = False):
+                 residual_BTD=None, defer_residual: bool = False, regrouped: bool = False):
         """[B, T, D] -> [B, T, D]; with `kv_cache` (see Attention) -> ([B, T, D], updated (k, v)).
         `dropout_keys_B` (this layer's per-row keys) turns on the config's residual dropout.
 
         Each residual add runs with the norm after it as one op (`Norm.add_norm`). Across blocks:
         `defer_residual` returns (x, m) for the block's output x + m, and the next block takes that m as
-        `residual_BTD`, so its input norm does the add."""
+        `residual_BTD`, so its input norm does the add. `regrouped`: the fused kernels' columns are regrouped
+        for tensor parallelism already (`Linear.split`)."""
         cfg = self.cfg
         # Residual stream pinned at the sublayer boundaries (no-op outside shd.activation_sharding).
         if residual_BTD is None:
@@ -46,14 +48,14 @@ class Block(nnx.Module):
             x_BTD, n_BTD = self.input_layernorm.add_norm(x_BTD, residual_BTD)
             x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
         a_BTD = self.self_attn(n_BTD, cos_BTH, sin_BTH, segment_ids_BT=segment_ids_BT, layout=layout, impl=impl,
-                               kv_cache=kv_cache)
+                               kv_cache=kv_cache, regrouped=regrouped)
         if kv_cache is not None:
             a_BTD, kv = a_BTD
         if dropout_keys_B is not None and cfg.resid_attn_dropout > 0:
             a_BTD = dropout(a_BTD, cfg.resid_attn_dropout, dropout_keys_B, 0)
         x_BTD, n_BTD = self.post_attention_layernorm.add_norm(x_BTD, a_BTD)
         x_BTD = shd.constrain(x_BTD, shd.ACT_BTD)
-        m_BTD = self.mlp(n_BTD)
+        m_BTD = self.mlp(n_BTD, regrouped)
         if dropout_keys_B is not None and cfg.resid_mlp_dropout > 0:
             m_BTD = dropout(m_BTD, cfg.resid_mlp_dropout, dropout_keys_B, 1)
         if defer_residual:
@@ -183,6 +185,7 @@ class Decoder(nnx.Module):
         layout = blocksparse_layout(cfg) if cfg.dense_attention_every_n_layers else None
         layouts = [layout if cfg.layer_is_sparse(j) else None for j in range(P)]
         graphdef, state = nnx.split(self.layers)
+        state, regrouped = _regroup_fused_kernels(cfg, state)
         by_step = lambda a: a.reshape(cfg.num_layers // P, P, *a.shape[1:])  # noqa: E731
         # One scanned tree per layer of the period, so a layer's weights are the scan's own slices: the
         # backward pass then reads them from the stacked input, where weights indexed inside the body
@@ -205,11 +208,12 @@ class Decoder(nnx.Module):
                 if kv_L is None:
                     keys = None if dropout_keys_B is None else fold_rows(dropout_keys_B, ids_P[j])
                     out = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl, dropout_keys_B=keys,
-                                residual_BTD=m_BTD, defer_residual=defer)
+                                residual_BTD=m_BTD, defer_residual=defer, regrouped=regrouped)
                     x_BTD, m_BTD = out if defer else (out, None)
                 else:
                     x_BTD, kv_L = block(x_BTD, cos_BTH, sin_BTH, segment_ids_BT, layouts[j], impl,
-                                        kv_cache=(*kv_L, ids_P[j].astype(jnp.int32), kv[2], kv[3]))
+                                        kv_cache=(*kv_L, ids_P[j].astype(jnp.int32), kv[2], kv[3]),
+                                        regrouped=regrouped)
             return (x_BTD, kv_L, m_BTD), None
 
         if cfg.remat != "none":
@@ -220,6 +224,29 @@ class Decoder(nnx.Module):
             for s in range(cfg.num_layers // P):
                 carry, _ = step(carry, jax.tree.map(lambda a: a[s], xs))
         return carry
+
+
+def _regroup_fused_kernels(cfg: ModelConfig, state):
+    """(state, regrouped): under tensor parallelism the layers' stacked [q | k | v] and [gate | up] kernels and
+    biases with their columns regrouped per device (`Linear.split`), once for all layers before their scan, in
+    the compute dtype and the parameters' sharding. Regrouping inside each layer instead moves every layer's
+    slices between devices in each pass over it (forward, rematerialised forward, backward)."""
+    plans = {"self_attn/qkv_proj/": qkv_split(cfg), "mlp/gate_up_proj/": gate_up_split(cfg.intermediate_size,
+                                                                                      MLP.kind_of(cfg))}
+    plans = {prefix: plan for prefix, plan in plans.items() if plan[1] > 1}
+    if not plans:
+        return state, False
+    dtype = dtype_of(cfg.dtype)
+
+    def leaf(path, a):
+        name = shd.path_str(path).removesuffix("/value")
+        for prefix, (sizes, shards) in plans.items():
+            if name.startswith(prefix):
+                a_LXF = regroup_columns(a.astype(dtype), sizes, shards).reshape(a.shape)
+                return shd.constrain(a_LXF, shd.param_logical_axes(("layers", *name.split("/")), a.ndim))
+        return a
+
+    return jax.tree_util.tree_map_with_path(leaf, state), True
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"))

@@ -48,7 +48,7 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
-    def split(self, x_BTD, sizes: Sequence[int], shards: int, logical: str) -> list:
+    def split(self, x_BTD, sizes: Sequence[int], shards: int, logical: str, regrouped: bool = False) -> list:
         """`self(x)` cut along its last axis into consecutive pieces of `sizes` ([q | k | v], [gate | up]).
 
         With `shards` > 1 (the number of devices that split the pieces' activation axis `logical`, dividing
@@ -56,7 +56,8 @@ class Linear(nnx.Module):
         output holds the s-th slice of every piece and the cut stays on the device. Cutting the checkpoint's
         [q | k | v] order instead would move most of each piece between devices, forward (collective
         permutes) and backward (all-to-alls); regrouping moves the kernel, which holds fewer numbers than the
-        activations wherever a device has more tokens than the layer has inputs.
+        activations wherever a device has more tokens than the layer has inputs. `regrouped`: the kernel and
+        bias hold their columns regrouped already (the decoder regroups every layer's once, before its scan).
         """
         if any(size % shards for size in sizes):
             raise ValueError(f"Linear.split: {shards} shards do not divide every piece of {tuple(sizes)}")
@@ -64,12 +65,14 @@ class Linear(nnx.Module):
             y_BTF = self(x_BTD)
             offsets = np.cumsum(sizes)[:-1].tolist()
             return [y_BTF[..., a:b] for a, b in zip([0] + offsets, offsets + [y_BTF.shape[-1]])]
-        w_DSG = shd.constrain(regroup_columns(self.kernel[...].astype(self.dtype), sizes, shards),
+        regroup = (lambda a: a.reshape(*a.shape[:-1], shards, -1)) if regrouped else (  # noqa: E731
+            lambda a: regroup_columns(a, sizes, shards))
+        w_DSG = shd.constrain(regroup(self.kernel[...].astype(self.dtype)),
                               (None, logical, None))  # gathered over `embed` (FSDP), split over `logical`
         D, _, G = w_DSG.shape
         y_BTF = matmul(x_BTD.astype(self.dtype), w_DSG.reshape(D, shards * G))
         if self.bias is not None:
-            y_BTF = y_BTF + regroup_columns(self.bias[...].astype(self.dtype), sizes, shards).reshape(-1)
+            y_BTF = y_BTF + regroup(self.bias[...].astype(self.dtype)).reshape(-1)
         B, T = y_BTF.shape[:2]
         y_BTSG = shd.constrain(y_BTF.reshape(B, T, shards, G), ("activation_batch", "activation_seq", logical, None))
         pieces, start = [], 0
@@ -484,6 +487,13 @@ def swiglu_backward_halves(z_BTF, dh_BTI):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def gate_up_split(intermediate_size: int, kind: str) -> tuple[tuple[int, int], int]:
+    """The fused [gate | up] kernel's pieces, and into how many device slices tensor parallelism cuts each
+    (1: no split; phi-3-small's interleaved gegelu already keeps each device's pairs together)."""
+    I = intermediate_size
+    return (I, I), shd.even_shards("activation_mlp", (I,)) if kind == "swiglu" else 1
+
+
 class MLP(nnx.Module):
     """SwiGLU with fused [gate | up] (phi3) or the interleaved, clamped "gegelu" (phi3small).
 
@@ -491,18 +501,22 @@ class MLP(nnx.Module):
     are plain transposes.
     """
 
+    @staticmethod
+    def kind_of(cfg: ModelConfig) -> str:
+        return "gegelu" if cfg.family == "phi3small" else "swiglu"
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, I = cfg.hidden_size, cfg.intermediate_size
-        self.kind = "gegelu" if cfg.family == "phi3small" else "swiglu"
+        self.kind = self.kind_of(cfg)
         self.limit = cfg.gegelu_limit
         self.gate_up_proj = Linear(D, 2 * I, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
         self.down_proj = Linear(I, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x_BTD):
-        I = self.down_proj.kernel.shape[0]
-        shards = shd.even_shards("activation_mlp", (I,)) if self.kind == "swiglu" else 1
+    def __call__(self, x_BTD, regrouped: bool = False):
+        """[B, T, D] -> [B, T, D]; `regrouped`: see `Linear.split`."""
+        sizes, shards = gate_up_split(self.down_proj.kernel.shape[0], self.kind)
         if shards > 1:  # tensor parallelism: each device projects onto its own slices of gate and up
-            h_BTI = swiglu_of_halves(*self.gate_up_proj.split(x_BTD, (I, I), shards, "activation_mlp"))
+            h_BTI = swiglu_of_halves(*self.gate_up_proj.split(x_BTD, sizes, shards, "activation_mlp", regrouped))
             return self.down_proj(shd.constrain(h_BTI, shd.ACT_BTI))
         z_BTF = self.gate_up_proj(x_BTD)
         if self.kind == "swiglu":
