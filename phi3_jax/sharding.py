@@ -17,9 +17,10 @@ their `embed` dimension. Layers call `constrain(x, logical_axes)` at a few place
 MLP hidden, logits); it applies `jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)`
 context (set at trace time by the jitted train / eval steps, or by whoever lowers a step ahead of time) and
 is a no-op otherwise, so the model runs unchanged on one device, in tests, in conversion and under plain jit.
-Under tensor parallelism the fused projections ([q | k | v], [gate | up]) regroup their kernels' columns
-per device first (`layers.Linear.split`, sized by `even_shards`), so each device cuts its own heads and MLP
-slices out of its block of the output instead of trading activations with the others.
+Under tensor parallelism the fused projections ([q | k | v], [gate | up]) have their kernels' columns
+regrouped per device (`layers.Linear.split`, sized by `even_shards`; the decoder does it once a step for all
+layers, before the layer scan), so each device cuts its own heads and MLP slices out of its block of the
+output instead of trading activations with the others.
 Without these constraints XLA's SPMD partitioner propagates the parameters' fsdp sharding into the residual
 stream inside the layer scan and then has to replicate whole activations to undo it ("Involuntary full
 rematerialization"). For the same reason the embedding lookup reads a table all-gathered over `embed`
