@@ -269,7 +269,7 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     params = abstract_params(model_cfg, r.precision["param_dtype"])
     tx, _ = optim.make_optimizer_from_config(params, t)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks, seed=t.seed)
+                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel)
 
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
              for k in ts.BATCH_KEYS}
@@ -282,7 +282,8 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     log(f"model {rep.model}: {size} parameters; batch {t.batch_size} x {t.seq_len} tokens"
         f"{f', grad_accum {t.grad_accum}' if t.grad_accum > 1 else ''}; compute {r.precision['compute_dtype']}, "
         f"params {r.precision['param_dtype']}, remat {model_cfg.remat}, attention {model_cfg.attention_impl}")
-    log(f"mesh {rep.mesh_shape}: batch split {n_batch} ways ({t.batch_size // n_batch} rows per shard)")
+    log(f"mesh {rep.mesh_shape}{' (sequence parallel)' if r.sequence_parallel else ''}: batch split {n_batch} ways "
+        f"({t.batch_size // n_batch} rows per shard)")
     log(f"train state {rep.state_bytes / GiB:.2f} GiB per chip, batch {rep.batch_bytes / GiB:.3f} GiB per chip")
     if topo.hbm_gib and rep.state_bytes + rep.batch_bytes > topo.hbm_gib * GiB:
         rep.error = (f"the train state and batch alone take {(rep.state_bytes + rep.batch_bytes) / GiB:.2f} GiB "

@@ -10,9 +10,9 @@ more mesh axes of the mesh (data, fsdp, tensor, expert):
 - tensor: Megatron-style tensor parallelism over heads / mlp / vocab.
 - expert: expert parallelism for MoE blocks (size 1 for dense models); also a data axis for activations.
 
-Activations use their own logical names (activation_batch, activation_seq, activation_embed, activation_heads,
-activation_kv_heads, activation_head_dim, activation_mlp, activation_vocab; the maxtext convention): the batch
-of every activation is split over all the data-like mesh axes, fsdp included, while parameters use fsdp for
+Activations use their own logical names (activation_batch, activation_seq, activation_norm_seq (the residual
+stream's sequence), activation_embed, activation_heads, activation_kv_heads, activation_head_dim,
+activation_mlp, activation_vocab; the maxtext convention): the batch of every activation is split over all the data-like mesh axes, fsdp included, while parameters use fsdp for
 their `embed` dimension. Layers call `constrain(x, logical_axes)` at a few places (residual stream, q/k/v,
 MLP hidden, logits); it applies `jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)`
 context (set at trace time by the jitted train / eval steps, or by whoever lowers a step ahead of time) and
@@ -72,9 +72,10 @@ LOGICAL_RULES: dict[str, Any] = {
     # Activations. Rows over every data-like axis (fsdp is data parallelism with sharded parameters, and
     # expert is a data axis outside MoE blocks), like `batch`; the residual stream's hidden dimension is
     # replicated (fsdp already splits the rows; Megatron tensor parallelism keeps the residual whole and
-    # splits heads / mlp / vocab). Sequence parallelism would map activation_seq to a mesh axis.
+    # splits heads / mlp / vocab); sequence parallelism (SEQUENCE_PARALLEL) splits its sequence.
     "activation_batch": ("data", "fsdp", "expert"),
     "activation_seq": None,
+    "activation_norm_seq": None,  # the residual stream's sequence: "tensor" under SEQUENCE_PARALLEL
     "activation_embed": None,
     "activation_heads": "tensor",
     "activation_kv_heads": "tensor",
@@ -84,13 +85,20 @@ LOGICAL_RULES: dict[str, Any] = {
 }
 
 # Logical axes of the activations the model constrains (shape suffixes as in the layer bodies).
-ACT_BTD = ("activation_batch", "activation_seq", "activation_embed")  # residual stream
+ACT_BTD = ("activation_batch", "activation_norm_seq", "activation_embed")  # residual stream
 ACT_BTH = ("activation_batch", "activation_seq", "activation_head_dim")  # RoPE tables
 ACT_BTNH = ("activation_batch", "activation_seq", "activation_heads", "activation_head_dim")  # q, attention out
 ACT_BTKH = ("activation_batch", "activation_seq", "activation_kv_heads", "activation_head_dim")  # k, v
 ACT_BTI = ("activation_batch", "activation_seq", "activation_mlp")  # MLP hidden
 ACT_BTV = ("activation_batch", "activation_seq", "activation_vocab")  # logits
 GATHERED_VD = ("vocab", None)  # the embedding table gathered over `embed` (fsdp) for the lookup
+
+# Megatron sequence parallelism (`activation_sharding(mesh, SEQUENCE_PARALLEL)`, config mesh.sequence_parallel):
+# between the tensor-parallel matmuls the residual stream, its norms and dropout are split over `tensor` by
+# sequence, where plain tensor parallelism keeps them whole on every device of the tensor axis. XLA then
+# all-gathers the sequence before the qkv and gate_up matmuls and reduce-scatters the attention and MLP outputs
+# (which tensor parallelism otherwise all-reduces): the same bytes, a tensor-th of the residual activations.
+SEQUENCE_PARALLEL: dict[str, Any] = {"activation_norm_seq": "tensor"}
 
 # Parameter path pattern (searched in "/".join(path)) -> logical axes of the *unstacked* parameter.
 # A parameter under "layers/" carries one more leading dimension, the "layers" axis. First match wins.

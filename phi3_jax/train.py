@@ -124,7 +124,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     tx, schedule = optim.make_optimizer_from_config(abstract_params, t, lr_multipliers=lr_multipliers,
                                                     wd_multipliers=wd_multipliers)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks, seed=t.seed)
+                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel)
     lr_at = jax.jit(schedule)
 
     # ---- state: resume, init_from, or fresh ----
@@ -165,7 +165,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     flops_tok = model_cfg.flops_per_token(t.seq_len)
     peak = peak_flops()
     writer.message(f"model {r.raw['model']['preset']}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} "
-                   f"MFLOP/token; mesh {dict(mesh.shape)}; {jax.process_count()} process(es), "
+                   f"MFLOP/token; mesh {dict(mesh.shape)}{' (sequence parallel)' if r.sequence_parallel else ''}; "
+                   f"{jax.process_count()} process(es), "
                    f"{jax.device_count()} device(s) ({jax.devices()[0].device_kind})")
     h = None
     if start == 0:

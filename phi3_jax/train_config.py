@@ -19,7 +19,9 @@ Sections:
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process
              counts), async_checkpoint, tensorboard, progress.
-  mesh       data, fsdp, tensor, expert: sizes of the device mesh axes (-1: the remaining devices).
+  mesh       data, fsdp, tensor, expert: sizes of the device mesh axes (-1: the remaining devices);
+             sequence_parallel (bool): with tensor > 1, the residual stream between the tensor-parallel
+             matmuls split over `tensor` by sequence (Megatron sequence parallelism; sharding.SEQUENCE_PARALLEL).
   precision  param_dtype (master weights and optimizer state; float32), compute_dtype (bfloat16 | float32).
   sample     prompt, max_new_tokens (0: no sample at the end), temperature (0: greedy), seed.
 
@@ -53,8 +55,8 @@ def train_defaults() -> dict[str, Any]:
     )
 
 
-def mesh_defaults() -> dict[str, int]:
-    return dict(data=1, fsdp=-1, tensor=1, expert=1)
+def mesh_defaults() -> dict[str, Any]:
+    return dict(data=1, fsdp=-1, tensor=1, expert=1, sequence_parallel=False)
 
 
 def precision_defaults() -> dict[str, str]:
@@ -194,10 +196,11 @@ class Resolved:
     model_fields: dict
     data: Any  # phi3_jax.data DataSpec
     train: types.SimpleNamespace
-    mesh: dict
+    mesh: dict  # axis sizes (data, fsdp, tensor, expert)
     precision: dict
     sample: types.SimpleNamespace
     raw: dict  # the whole config as plain Python (JSON-able), saved with checkpoints
+    sequence_parallel: bool = False  # config.mesh.sequence_parallel
 
 
 def validate(config) -> Resolved:
@@ -233,6 +236,7 @@ def validate(config) -> Resolved:
                           f"train.batch_size={train['batch_size']}")
 
     mesh = _check_section("mesh", raw.get("mesh", {}), mesh_defaults())
+    sequence_parallel = bool(mesh.pop("sequence_parallel"))
     for k, v in mesh.items():
         if v == 0 or v < -1:
             raise ConfigError(f"config.mesh.{k}={v}: must be a positive integer or -1 (fill)")
@@ -254,7 +258,8 @@ def validate(config) -> Resolved:
 
     data = validate_data_config(raw["data"])
     return Resolved(model=model, model_fields=model_fields, data=data, train=types.SimpleNamespace(**train),
-                    mesh=mesh, precision=precision, sample=types.SimpleNamespace(**sample), raw=raw)
+                    mesh=mesh, precision=precision, sample=types.SimpleNamespace(**sample), raw=raw,
+                    sequence_parallel=sequence_parallel)
 
 
 def _check_model(given, precision) -> tuple[dict, ModelConfig | None]:

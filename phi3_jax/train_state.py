@@ -152,7 +152,8 @@ class StepFns:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
-                    impl: str | None = None, mesh=None, loss_chunks: int = 1, dropout_seed: int | None = None):
+                    impl: str | None = None, mesh=None, loss_chunks: int = 1, dropout_seed: int | None = None,
+                    rules=None):
     """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
 
     With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
@@ -216,15 +217,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
                    "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
         return new_state, metrics
 
-    return shd.with_activation_sharding(train_step, mesh)
+    return shd.with_activation_sharding(train_step, mesh, rules)
 
 
-def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1):
+def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1,
+                   rules=None):
     """(params, batch) -> (loss_sum, count); with `mesh`, activation constraints as in `make_train_step`."""
     def eval_step(params, batch):
         return loss_sums(graphdef, params, batch, compute_dtype, impl, loss_chunks)
 
-    return shd.with_activation_sharding(eval_step, mesh)
+    return shd.with_activation_sharding(eval_step, mesh, rules)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None, copy_dtype=None):
@@ -237,16 +239,18 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, pa
 
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
-          impl: str | None = None, loss_chunks: int = 1, seed: int = 0) -> StepFns:
+          impl: str | None = None, loss_chunks: int = 1, seed: int = 0, sequence_parallel: bool = False) -> StepFns:
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
     abstract state (`jax.eval_shape`), so each device creates only its shard. The train and eval steps trace
     inside `shd.activation_sharding(mesh)`, so `fns.train_step.lower(...)` (ahead-of-time compilation)
     carries the activation constraints too. When the config has dropout, the train step draws its masks
-    from `seed` (train.seed) and the step number; the eval step never drops.
+    from `seed` (train.seed) and the step number; the eval step never drops. `sequence_parallel`: the
+    residual stream split over `tensor` by sequence (`sharding.SEQUENCE_PARALLEL`).
     """
     graphdef = graphdef_of(cfg)
+    rules = shd.SEQUENCE_PARALLEL if sequence_parallel else None
     copy_dtype = compute_dtype if keeps_compute_copy(mesh) else None
     abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0, copy_dtype=copy_dtype))
     state_sh = shd.tree_shardings(mesh, abstract)
@@ -258,11 +262,11 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
 
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
                                          mesh=mesh, loss_chunks=loss_chunks,
-                                         dropout_seed=seed if cfg.has_dropout else None),
+                                         dropout_seed=seed if cfg.has_dropout else None, rules=rules),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh,
-                                       loss_chunks=loss_chunks),
+                                       loss_chunks=loss_chunks, rules=rules),
                         in_shardings=(state_sh["params"], batch_sh), out_shardings=shd.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)

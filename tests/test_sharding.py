@@ -113,7 +113,7 @@ def test_constrain_uses_the_table_inside_the_context():
         out = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().output_shardings
         assert out.is_equivalent_to(NamedSharding(mesh, spec), len(shape)), (axes, out)
     # Rules override entries of the table (here: sequence parallelism over tensor).
-    with shd.activation_sharding(mesh, {"activation_seq": "tensor"}):
+    with shd.activation_sharding(mesh, shd.SEQUENCE_PARALLEL):
         f = jax.jit(lambda a: shd.constrain(a * 2, shd.ACT_BTD))
         out = f.lower(jax.ShapeDtypeStruct((8, 4, 16), jnp.float32)).compile().output_shardings
         assert out.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor", None)), 3), out
@@ -212,6 +212,30 @@ def test_tensor_parallelism_moves_weights_not_activations(preset, kv_heads, capf
     # XLA's SPMD partitioner says so on stderr when it must replicate an array to re-split it (here: the
     # embedding's gradient, given the table's fsdp-over-`embed` layout, re-split the residual gradient).
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_sequence_parallelism_splits_the_residual_stream_by_sequence():
+    """fsdp=4 x tensor=2 with mesh.sequence_parallel: the layer scans carry the residual stream (and its
+    gradient) as [B/4, T/2, D] per device, where tensor parallelism alone keeps [B/4, T, D] on each device of
+    the tensor axis. (What it does to the collectives shows on a TPU compile: test_aot.)"""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+
+    from phi3_jax import train_state as ts
+
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+    B, T, D = 8, 128, 64
+    cfg = dataclasses.replace(get_preset("phi-3-tiny"), vocab_size=320, hidden_size=D, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=16, intermediate_size=96, attention_impl="xla")
+    for sp, rows in ((False, T), (True, T // 2)):
+        fns = ts.build(cfg, optax.adamw(1e-3), mesh, sequence_parallel=sp)
+        batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                         sharding=fns.batch_sharding) for k in ts.BATCH_KEYS}
+        hlo = fns.train_step.lower(fns.abstract_state, batch).compile().as_text()
+        loops = [line for line in hlo.splitlines() if " while(" in line]
+        assert len(loops) == 2 and all(f"(s32[], f32[{B // 4},{rows},{D}]" in line for line in loops), (sp, loops)
 
 
 def test_linear_split_regrouped_for_tensor_parallelism_matches_the_plain_cut():

@@ -12,13 +12,14 @@ from phi3_jax.checkpoint import model_params
 from phi3_jax.train import run
 
 
-def _run(tmp_path, name, mesh, grad_accum=1, sample_tokens=0):
+def _run(tmp_path, name, mesh, grad_accum=1, sample_tokens=0, sequence_parallel=False):
     c = load_config("tiny", "test")
     c.train.steps = 5
     c.train.warmup_steps = 0  # every step updates the weights (warmup's first step has lr 0)
     c.train.grad_accum = grad_accum
     c.sample.max_new_tokens = sample_tokens
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    c.mesh.sequence_parallel = sequence_parallel
     workdir = tmp_path / name
     res = run(c, str(workdir))
     assert res.status == "done"
@@ -33,8 +34,10 @@ def _run(tmp_path, name, mesh, grad_accum=1, sample_tokens=0):
 def test_losses_do_not_depend_on_the_mesh(tmp_path):
     ref_loss, ref_gn, ref_params = _run(tmp_path, "data8", (8, 1, 1))
     assert len(ref_gn) == len(ref_loss) == 5
-    for name, mesh, accum in (("fsdp8", (1, 8, 1), 1), ("d2f2t2", (2, 2, 2), 1), ("d4t2_accum2", (4, 1, 2), 2)):
-        loss, gn, params = _run(tmp_path, name, mesh, grad_accum=accum, sample_tokens=8 if name == "d2f2t2" else 0)
+    for name, mesh, accum in (("fsdp8", (1, 8, 1), 1), ("d2f2t2", (2, 2, 2), 1), ("d4t2_accum2", (4, 1, 2), 2),
+                              ("f4t2_sequence_parallel", (1, 4, 2), 1)):
+        loss, gn, params = _run(tmp_path, name, mesh, grad_accum=accum, sample_tokens=8 if name == "d2f2t2" else 0,
+                                sequence_parallel=name.endswith("sequence_parallel"))
         np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, err_msg=name)
         # Adam hides a gradient's scale from the weights, so compare the gradients' norms as well.
         np.testing.assert_allclose(gn, ref_gn, rtol=1e-4, err_msg=name)
