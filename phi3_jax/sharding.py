@@ -12,11 +12,12 @@ more mesh axes of the mesh (data, fsdp, tensor, expert):
 
 Activations use their own logical names (activation_batch, activation_seq, activation_norm_seq (the residual
 stream's sequence), activation_embed, activation_heads, activation_kv_heads, activation_head_dim,
-activation_mlp, activation_vocab; the maxtext convention): the batch of every activation is split over all
-the data-like mesh axes, fsdp included, while parameters use fsdp for their `embed` dimension. Layers call `constrain(x, logical_axes)` at a few places (residual stream, q/k/v,
-MLP hidden, logits); it applies `jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)`
-context (set at trace time by the jitted train / eval steps, or by whoever lowers a step ahead of time) and
-is a no-op otherwise, so the model runs unchanged on one device, in tests, in conversion and under plain jit.
+activation_mlp, activation_vocab; the maxtext convention): the batch of every activation is split over all the
+data-like mesh axes, fsdp included, while parameters use fsdp for their `embed` dimension. Layers call
+`constrain(x, logical_axes)` at a few places (residual stream, q/k/v, MLP hidden, logits); it applies
+`jax.lax.with_sharding_constraint` only inside an `activation_sharding(mesh)` context (set at trace time by
+the jitted train / eval steps, or by whoever lowers a step ahead of time) and is a no-op otherwise, so the
+model runs unchanged on one device, in tests, in conversion and under plain jit.
 Under tensor parallelism the fused projections ([q | k | v], [gate | up]) have their kernels' columns
 regrouped per device (`layers.Linear.split`, sized by `even_shards`; the decoder does it once a step for all
 layers, before the layer scan), so each device cuts its own heads and MLP slices out of its block of the
