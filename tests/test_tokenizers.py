@@ -297,3 +297,23 @@ def test_sentencepiece_has_no_tokenizer_json(sp_path):
 
     with pytest.raises(DataError, match="--tokenizer none"):
         tokenizer_json(make_tokenizer("sentencepiece", sp_path))
+
+
+def test_hf_folder_whose_config_names_an_unknown_token(tmp_path, hf_path):
+    """A tokenizer_config.json naming a token that tokenizer.json does not flag special leaves the file's own
+    choice; a tokenizer_config.json that is not JSON, or a missing tokenizer.json, is one clear error."""
+    import shutil
+
+    from phi3_jax.convert.hf_tokenizer import read_hf_tokenizer
+
+    shutil.copy(hf_path, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text('{"pad_token": {"content": "<unk>"}, "chat_template": "x"}')
+    tok = read_hf_tokenizer(tmp_path)
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok.chat_template == "phi3"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(DataError, match="tokenizer_config.json: not JSON"):
+        read_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer.json file not found"):
+        read_hf_tokenizer(tmp_path)

@@ -155,5 +155,8 @@ def read_hf_tokenizer(folder: str | Path) -> HFTokenizer:
         v = conf.get(key)
         return v.get("content") if isinstance(v, dict) else v
 
-    return HFTokenizer(folder / TOKENIZER_NAME, chat_template=template, bos_token=token("bos_token"),
-                       eos_token=token("eos_token"), pad_token=token("pad_token"))
+    try:
+        return HFTokenizer(folder / TOKENIZER_NAME, chat_template=template, bos_token=token("bos_token"),
+                           eos_token=token("eos_token"), pad_token=token("pad_token"))
+    except DataError:  # a config naming a token tokenizer.json does not flag special: the file's own choice
+        return HFTokenizer(folder / TOKENIZER_NAME, chat_template=template)
