@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB",
                      help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     exp.add_argument("--tokenizer", metavar="SPEC",
-                     help="KIND or KIND:PATH (byte, hf, tiktoken) to write, or none (default: the one the checkpoint "
-                          "was trained with)")
+                     help="KIND or KIND:PATH (byte, sentencepiece, hf, tiktoken) to write, or none (default: the one "
+                          "the checkpoint was trained with)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 

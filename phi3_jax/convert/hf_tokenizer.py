@@ -9,8 +9,11 @@ kind) load the tokenizer a model was trained with, its special tokens and chat t
   parts are what byte-pair merging with the lower ranks makes of it), tiktoken's split regex first;
   `ignore_merges` takes a word that is itself a token whole, as tiktoken does.
 - hf: the tokenizer.json as loaded.
-- sentencepiece: not converted (its normaliser and byte fallback have no exact `tokenizers` form here);
-  `export-hf --tokenizer none` exports the weights alone.
+- sentencepiece: its pieces, scores and ids as a `tokenizers` BPE (merges from the pieces, highest score
+  first) or Unigram model with byte fallback, after its dummy "▁" prefix and spaces written as "▁"; the
+  "identity" normaliser only (this project's trainer and Llama-style models use it). A model with a
+  character map (nmt_nfkc), or that strips or collapses whitespace, has no exact form here (`export-hf
+  --tokenizer none` exports the weights alone).
 
 The chat templates become Jinja (`JINJA_TEMPLATES`), which transformers renders; tests check both render
 the same text as `phi3_jax.data.render_chat`.
@@ -21,7 +24,7 @@ import json
 from pathlib import Path
 
 from phi3_jax.data.errors import DataError
-from phi3_jax.data.tokenizers import ByteTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer
+from phi3_jax.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -112,6 +115,65 @@ def tiktoken_json(tok: TiktokenTokenizer) -> dict:
     return _byte_level_bpe(vocab, merges, tok.special_tokens, split_regex=tok._enc._pat_str)
 
 
+def sentencepiece_json(tok: SentencePieceTokenizer) -> dict:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(tok._sp.serialized_model_proto())
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    path = tok._init_kwargs.get("path")
+    # A normaliser's character map runs in `tokenizers` as "Precompiled", which differs from SentencePiece on
+    # some input ("\r\n" under nmt_nfkc: one space there, two here), so only "identity" converts.
+    unsupported = [name for name, bad in (("remove_extra_whitespaces", norm.remove_extra_whitespaces),
+                                          (f"normaliser {norm.name!r}", bool(norm.precompiled_charsmap)),
+                                          ("treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix),
+                                          ("escape_whitespaces=false", not norm.escape_whitespaces))
+                   if bad]
+    if trainer.model_type not in (1, 2):  # UNIGRAM, BPE
+        unsupported.append(f"model type {trainer.model_type}")
+    if unsupported:
+        raise DataError(f"{path}: SentencePiece {', '.join(unsupported)}: no exact tokenizer.json form here; pass "
+                        "--tokenizer none to export the weights alone")
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    unk = next((i for i, p in enumerate(proto.pieces) if p.type == 2), None)  # UNKNOWN
+    byte_fallback = bool(trainer.byte_fallback)
+    if trainer.model_type == 1:
+        model = {"type": "Unigram", "unk_id": unk, "vocab": [[p, s] for p, s in pieces],
+                 "byte_fallback": byte_fallback}
+    else:
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        merges = []  # every split of a piece into two pieces, ranked by the merged piece's score
+        for i, (piece, score) in enumerate(pieces):
+            if proto.pieces[i].type != 1:  # NORMAL pieces only: bytes, controls and unk are never merged
+                continue
+            local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            merges += [(-score, vocab[a], vocab[b], a, b) for a, b in local]
+        merges.sort()
+        model = {"type": "BPE", "dropout": None, "unk_token": None if unk is None else pieces[unk][0],
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                 "byte_fallback": byte_fallback, "ignore_merges": False, "vocab": vocab,
+                 "merges": [[a, b] for *_, a, b in merges]}
+    normalizers = []
+    if norm.add_dummy_prefix:
+        normalizers.append({"type": "Prepend", "prepend": "▁"})
+    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if norm.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
+    extra = sorted((i, t) for t, i in tok.special_tokens.items() if i >= len(pieces))  # the added tokens
+    if [i for i, _ in extra] != list(range(len(pieces), len(pieces) + len(extra))):
+        raise DataError(f"{path}: special token ids {[i for i, _ in extra]} do not follow the {len(pieces)} pieces")
+    if trainer.model_type == 1:  # Unigram's vocabulary is a list: an id is a position
+        model["vocab"] += [[t, 0.0] for _, t in extra]
+    else:
+        model["vocab"].update({t: i for i, t in extra})
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": normalizers}, "pre_tokenizer": None,
+            "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders}, "model": model}
+
+
 def tokenizer_json(tok: Tokenizer) -> str:
     """The tokenizer as a tokenizer.json string; DataError for a kind with no exact form."""
     if isinstance(tok, ByteTokenizer):
@@ -121,6 +183,8 @@ def tokenizer_json(tok: Tokenizer) -> str:
         d = tiktoken_json(tok)
     elif isinstance(tok, HFTokenizer):
         return tok._tok.to_str(pretty=True)
+    elif isinstance(tok, SentencePieceTokenizer):
+        d = sentencepiece_json(tok)
     else:
         raise DataError(f"a {tok.kind} tokenizer has no tokenizer.json form here; pass --tokenizer none to export "
                         "the weights alone, or --tokenizer hf:PATH for a tokenizer.json of the same ids")
