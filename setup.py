@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
+        "protobuf>=4.21",  # SentencePiece's model proto (the tokenizer.json conversion)
         "tokenizers>=0.20",
         "tiktoken>=0.7",
     ],
