@@ -273,7 +273,8 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
 
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
              for k in ts.BATCH_KEYS}
-    rep = Report(topology=topo, device_kind=kind, mesh_shape=dict(mesh.shape), model=r.raw["model"]["preset"],
+    name = tcfg.model_name(r.raw["model"]["preset"], model_cfg)
+    rep = Report(topology=topo, device_kind=kind, mesh_shape=dict(mesh.shape), model=name,
                  params=model_cfg.param_count(), batch_size=t.batch_size, seq_len=t.seq_len, grad_accum=t.grad_accum,
                  state_bytes=_per_chip_bytes(fns.abstract_state), batch_bytes=_per_chip_bytes(batch),
                  model_flops=model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len / len(devices),

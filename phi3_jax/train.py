@@ -164,10 +164,11 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     n_params = model_cfg.param_count()
     flops_tok = model_cfg.flops_per_token(t.seq_len)
     peak = peak_flops()
-    writer.message(f"model {r.raw['model']['preset']}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} "
-                   f"MFLOP/token; mesh {dict(mesh.shape)}{' (sequence parallel)' if r.sequence_parallel else ''}; "
-                   f"{jax.process_count()} process(es), "
-                   f"{jax.device_count()} device(s) ({jax.devices()[0].device_kind})")
+    name = tcfg.model_name(r.raw["model"]["preset"], model_cfg)
+    sp = " (sequence parallel)" if r.sequence_parallel else ""
+    writer.message(f"model {name}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token; mesh "
+                   f"{dict(mesh.shape)}{sp}; {jax.process_count()} process(es), {jax.device_count()} device(s) "
+                   f"({jax.devices()[0].device_kind})")
     h = None
     if start == 0:
         first = list(itertools.islice(feed, 8))

@@ -262,6 +262,20 @@ def validate(config) -> Resolved:
                     sequence_parallel=sequence_parallel)
 
 
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "vocab_size")
+
+
+def model_name(preset: str, model: ModelConfig) -> str:
+    """The preset's name, with the shape fields in which `model` differs from it (a config's :tiny variant
+    keeps the preset's name but not its size)."""
+    from phi3_jax.model import get_preset
+
+    base = get_preset(preset)
+    changed = [f"{k} {getattr(model, k)}" for k in SHAPE_FIELDS if getattr(model, k) != getattr(base, k)]
+    return f"{preset} ({', '.join(changed)})" if changed else preset
+
+
 def _check_model(given, precision) -> tuple[dict, ModelConfig | None]:
     if not isinstance(given, dict):
         raise ConfigError(f"config.model: expected a section, got {type(given).__name__}")

@@ -9,6 +9,7 @@ from train_helpers import load_config
 
 from phi3_jax import sharding as shd
 from phi3_jax import train_config as tcfg
+from phi3_jax.data import make_tokenizer_from_config
 
 CONFIGS = [("tiny", ""), ("tiny", "test"), ("phi3_mini", ""), ("phi3_mini", "tiny"), ("phi3_mini", "runlocal"),
            ("phi3_medium", ""), ("phi3_medium", "tiny"), ("phi3_small", ""), ("phi3_small", "tiny")]
@@ -36,6 +37,15 @@ def test_full_size_state_shards_without_allocating(name, billions):
     k = fns.abstract_state["params"]["layers"]["mlp"]["down_proj"]["kernel"]
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
     assert k.dtype == np.float32
+
+
+def test_model_name_says_what_a_variant_changed():
+    from phi3_jax.model import get_preset
+
+    assert tcfg.model_name("phi-3-mini-4k", get_preset("phi-3-mini-4k")) == "phi-3-mini-4k"
+    r = tcfg.validate(load_config("phi3_mini", "tiny"))
+    name = tcfg.model_name("phi-3-mini-4k", tcfg.resolve_model(r, make_tokenizer_from_config(r.raw["data"])))
+    assert name.startswith("phi-3-mini-4k (hidden_size 256,") and "num_layers 4" in name and "vocab_size 320" in name
 
 
 def test_unknown_arg_is_an_error():
