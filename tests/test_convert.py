@@ -332,7 +332,9 @@ def test_export_writes_the_training_tokenizer(tmp_path, capsys):
     assert "byte tokenizer, chat template 'phi3.5'" in capsys.readouterr().out
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [256, 260]  # <|end|> stops
 
-    auto, ours = AutoTokenizer.from_pretrained(out), recorded_tokenizer(out)
+    auto, ours = AutoTokenizer.from_pretrained(out), phi3_jax.load_tokenizer(out)
+    assert phi3_jax.load_tokenizer(workdir).special_tokens == ours.special_tokens
+    assert recorded_tokenizer(out).chat_template == ours.chat_template == "phi3.5"
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2 + 2?"}]
     text = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = auto.encode(text, add_special_tokens=False)
