@@ -334,12 +334,17 @@ def test_sentencepiece_tokenizer_json_encodes_as_sentencepiece(tmp_path, sp_path
 
 
 def test_sentencepiece_with_a_character_map_has_no_tokenizer_json(tmp_path):
-    """nmt_nfkc's character map runs differently in `tokenizers` ("\r\n": one space there, two in
-    SentencePiece), so such a model is refused, naming the way out."""
+    """nmt_nfkc's character map runs differently in `tokenizers` (CR LF: one space there, two in
+    SentencePiece), so such a model is refused, naming the way out; so is one with user-defined pieces."""
     from phi3_jax.convert.hf_tokenizer import tokenizer_json
 
     path = _spm_model(tmp_path, "nfkc", model_type="bpe", normalization_rule_name="nmt_nfkc")
     with pytest.raises(DataError, match="normaliser 'nmt_nfkc'.*--tokenizer none"):
+        tokenizer_json(make_tokenizer("sentencepiece", path))
+    # User-defined pieces, which SentencePiece matches before its model runs, are refused too.
+    path = _spm_model(tmp_path, "user", model_type="bpe", normalization_rule_name="identity",
+                      user_defined_symbols=["<tool>"])
+    with pytest.raises(DataError, match="user-defined pieces"):
         tokenizer_json(make_tokenizer("sentencepiece", path))
 
 

@@ -122,7 +122,8 @@ def sentencepiece_json(tok: SentencePieceTokenizer) -> dict:
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     path = tok._init_kwargs.get("path")
     # A normaliser's character map runs in `tokenizers` as "Precompiled", which differs from SentencePiece on
-    # some input ("\r\n" under nmt_nfkc: one space there, two here), so only "identity" converts.
+    # some input (CR LF under nmt_nfkc: one space in `tokenizers`, two in SentencePiece), so only "identity"
+    # converts.
     unsupported = [name for name, bad in (("remove_extra_whitespaces", norm.remove_extra_whitespaces),
                                           (f"normaliser {norm.name!r}", bool(norm.precompiled_charsmap)),
                                           ("treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix),
@@ -130,6 +131,8 @@ def sentencepiece_json(tok: SentencePieceTokenizer) -> dict:
                    if bad]
     if trainer.model_type not in (1, 2):  # UNIGRAM, BPE
         unsupported.append(f"model type {trainer.model_type}")
+    if any(p.type == 4 for p in proto.pieces):  # USER_DEFINED: matched before the model runs, a step not written
+        unsupported.append("user-defined pieces")
     if unsupported:
         raise DataError(f"{path}: SentencePiece {', '.join(unsupported)}: no exact tokenizer.json form here; pass "
                         "--tokenizer none to export the weights alone")
