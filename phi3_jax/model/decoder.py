@@ -231,8 +231,7 @@ def _regroup_fused_kernels(cfg: ModelConfig, state):
     biases with their columns regrouped per device (`Linear.split`), once for all layers before their scan, in
     the compute dtype and the parameters' sharding. Regrouping inside each layer instead moves every layer's
     slices between devices in each pass over it (forward, rematerialised forward, backward)."""
-    plans = {"self_attn/qkv_proj/": qkv_split(cfg), "mlp/gate_up_proj/": gate_up_split(cfg.intermediate_size,
-                                                                                      MLP.kind_of(cfg))}
+    plans = {"self_attn/qkv_proj/": qkv_split(cfg), "mlp/gate_up_proj/": gate_up_split(cfg)}
     plans = {prefix: plan for prefix, plan in plans.items() if plan[1] > 1}
     if not plans:
         return state, False

@@ -487,11 +487,11 @@ def swiglu_backward_halves(z_BTF, dh_BTI):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def gate_up_split(intermediate_size: int, kind: str) -> tuple[tuple[int, int], int]:
+def gate_up_split(cfg: ModelConfig) -> tuple[tuple[int, int], int]:
     """The fused [gate | up] kernel's pieces, and into how many device slices tensor parallelism cuts each
     (1: no split; phi-3-small's interleaved gegelu already keeps each device's pairs together)."""
-    I = intermediate_size
-    return (I, I), shd.even_shards("activation_mlp", (I,)) if kind == "swiglu" else 1
+    I = cfg.intermediate_size
+    return (I, I), 1 if cfg.family == "phi3small" else shd.even_shards("activation_mlp", (I,))
 
 
 class MLP(nnx.Module):
@@ -501,20 +501,17 @@ class MLP(nnx.Module):
     are plain transposes.
     """
 
-    @staticmethod
-    def kind_of(cfg: ModelConfig) -> str:
-        return "gegelu" if cfg.family == "phi3small" else "swiglu"
-
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, I = cfg.hidden_size, cfg.intermediate_size
-        self.kind = self.kind_of(cfg)
+        self.cfg = cfg
+        self.kind = "gegelu" if cfg.family == "phi3small" else "swiglu"
         self.limit = cfg.gegelu_limit
         self.gate_up_proj = Linear(D, 2 * I, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
         self.down_proj = Linear(I, D, bias=cfg.has_bias, cfg=cfg, rngs=rngs)
 
     def __call__(self, x_BTD, regrouped: bool = False):
         """[B, T, D] -> [B, T, D]; `regrouped`: see `Linear.split`."""
-        sizes, shards = gate_up_split(self.down_proj.kernel.shape[0], self.kind)
+        sizes, shards = gate_up_split(self.cfg)
         if shards > 1:  # tensor parallelism: each device projects onto its own slices of gate and up
             h_BTI = swiglu_of_halves(*self.gate_up_proj.split(x_BTD, sizes, shards, "activation_mlp", regrouped))
             return self.down_proj(shd.constrain(h_BTI, shd.ACT_BTI))
