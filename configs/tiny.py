@@ -6,7 +6,12 @@ Byte-level tokenizer (no files), synthetic "textbook" lessons (arithmetic, logic
 snippets), 256-token packed rows. On 2 CPU cores it takes a few minutes and ends with a loss far below
 the data's unigram entropy (printed at the start), then prints a greedy sample.
 
-ARG: "" (default) or "test" (a few steps, small, no eval/sample: for smoke tests).
+ARG: comma-separated, any of
+  ""     the default run;
+  "sft"  supervised fine-tuning on synthetic tutoring conversations, the loss on the assistant's replies
+         only; start it from the default run's weights:
+         python -m phi3_jax.train --config configs/tiny.py:sft --workdir /tmp/tiny_sft --init_from /tmp/tiny
+  "test" a few steps of a smaller model, no eval or sample: for smoke tests ("sft,test" for both).
 """
 from phi3_jax.train_config import default_config, model_section, textbook_cpu_run
 
@@ -19,7 +24,16 @@ def get_config(arg: str = ""):
                             pad_token_id=261, attention_impl="xla")
     textbook_cpu_run(c, steps=300, batch_size=8)
     c.sample.max_new_tokens = 160
-    if arg == "test":
+    args = set(arg.split(",")) - {""}
+    if args - {"sft", "test"}:
+        raise ValueError(f"configs/tiny.py: unknown ARG {arg!r} (comma-separated: 'sft', 'test')")
+    if "sft" in args:
+        d = c.data
+        d.sources = [dict(d.sources[0], name="chat", kind="textbook_chat")]
+        t = c.train
+        t.steps, t.lr, t.warmup_steps, t.eval_every, t.checkpoint_every = 150, 1e-3, 10, 50, 50
+        c.sample.prompt, c.sample.chat, c.sample.max_new_tokens = "What is 12 + 7?", True, 120
+    if "test" in args:
         c.model.hidden_size = 64
         c.model.num_layers = 2
         c.model.num_heads = 4
@@ -31,6 +45,4 @@ def get_config(arg: str = ""):
         t.warmup_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 0, 0
         t.tensorboard = t.progress = False
         c.sample.max_new_tokens = 0
-    elif arg:
-        raise ValueError(f"configs/tiny.py: unknown ARG {arg!r} (use '' or 'test')")
     return c

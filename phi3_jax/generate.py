@@ -109,9 +109,11 @@ def generate_ids(model, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs
 
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.0,
-                top_k: int = 0, seed: int = 0) -> str:
-    """Prompt text -> the generated continuation (text only; the prompt is not repeated)."""
-    ids = tokenizer.encode(prompt)
+                top_k: int = 0, seed: int = 0, chat: bool = False) -> str:
+    """Prompt text -> the generated continuation (text only; the prompt is not repeated). `chat`: the prompt
+    is a user message, wrapped in the tokenizer's chat template."""
+    ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=True) if chat else tokenizer.encode(prompt))
     if not ids:
         ids = [tokenizer.bos_id]
     stop = tuple(getattr(tokenizer, "stop_ids", ()) or (tokenizer.eos_id,))
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
     outs = generate_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           seed=args.seed, stop_ids=stop, pad_id=tok.pad_id)
     for text, new in zip(args.prompt, outs):
-        print(text + tok.decode(new, skip_special=True))
+        print(text + ("\n" if args.chat else "") + tok.decode(new, skip_special=True))  # chat: the reply on its own line
         if len(outs) > 1:
             print("-" * 40)
     return 0

@@ -300,7 +300,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         from phi3_jax.generate import sample_text
 
         sample = sample_text((ts.graphdef_of(model_cfg), state["params"]), tokenizer, r.sample.prompt,
-                             r.sample.max_new_tokens, temperature=r.sample.temperature, seed=r.sample.seed)
+                             r.sample.max_new_tokens, temperature=r.sample.temperature, seed=r.sample.seed,
+                             chat=r.sample.chat)
     summary = f"step {final_step}/{t.steps}"
     if "loss" in logged:
         n = logged["n"]  # finite steps since the previous log: fewer than log_every after a resume or at the end
@@ -311,7 +312,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         summary += f" (unigram entropy {h:.4f})"
     _log(f"{status}: {summary}; checkpoints in {ckpt.directory}")
     if sample is not None:
-        _log(f"sample (prompt {r.sample.prompt!r}):\n{r.sample.prompt}{sample}")
+        _log(f"sample (user message {r.sample.prompt!r}, chat template {tokenizer.chat_template!r}):\n{sample}"
+             if r.sample.chat else f"sample (prompt {r.sample.prompt!r}):\n{r.sample.prompt}{sample}")
     return Result(status=status, step=final_step, losses=losses, eval_loss=eval_loss, unigram_entropy=h,
                   sample=sample, workdir=str(workdir_p))
 

@@ -23,7 +23,9 @@ Sections:
              sequence_parallel (bool): with tensor > 1, the residual stream between the tensor-parallel
              matmuls split over `tensor` by sequence (Megatron sequence parallelism; sharding.SEQUENCE_PARALLEL).
   precision  param_dtype (master weights and optimizer state; float32), compute_dtype (bfloat16 | float32).
-  sample     prompt, max_new_tokens (0: no sample at the end), temperature (0: greedy), seed.
+  sample     prompt, chat (the prompt is a user message, wrapped in the tokenizer's chat template as
+             `phi3_jax.generate --chat` does), max_new_tokens (0: no sample at the end), temperature
+             (0: greedy), seed.
 
 `validate(config)` checks every section before anything is written: an unknown field or a value of the
 wrong type raises `ConfigError` naming the field (`config.train.stpes: unknown field ...`).
@@ -64,7 +66,8 @@ def precision_defaults() -> dict[str, str]:
 
 
 def sample_defaults() -> dict[str, Any]:
-    return dict(prompt="Title: Arithmetic practice for children\n\n", max_new_tokens=200, temperature=0.0, seed=0)
+    return dict(prompt="Title: Arithmetic practice for children\n\n", chat=False, max_new_tokens=200, temperature=0.0,
+                seed=0)
 
 
 def _field_type(name: str):
@@ -132,7 +135,7 @@ def pretrain_run(c: ml_collections.ConfigDict, *, batch_size: int, seq_len: int,
     t.checkpoint_every, t.keep_last, t.keep_every = checkpoint_every, 2, 10_000
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.precision.param_dtype, c.precision.compute_dtype = "float32", "bfloat16"
-    c.sample.prompt = "<|user|>\nWhat is 12 + 7?<|end|>\n<|assistant|>\n"
+    c.sample.prompt, c.sample.chat = "What is 12 + 7?", True
     return c
 
 

@@ -26,7 +26,7 @@ def _rows(method, docs, tok, n_rows):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _check_row_invariants(b, eos, pad_id):
+def _check_row_invariants(b, eos, pad_id, all_trained=True):
     seg, pos, mask = b["segment_ids"], b["positions"], b["loss_mask"]
     assert b["inputs"].dtype == b["targets"].dtype == seg.dtype == pos.dtype == np.int32
     assert mask.dtype == np.float32 and b["inputs"].shape == (len(seg), SEQ)
@@ -49,9 +49,10 @@ def _check_row_invariants(b, eos, pad_id):
         nxt_same = np.r_[s[1:] == s[:-1], False]
         assert not (is_eos & nxt_same).any()
         assert not mask[r][is_eos].any()
-        # The loss mask rule: 1 exactly where the target belongs to the same segment.
+        # The loss mask rule: 1 exactly where the target belongs to the same segment (and is trained).
         assert not mask[r][~real].any() and np.all(b["inputs"][r][~real] == pad_id)
-        assert np.all(mask[r][real & nxt_same] == 1)
+        assert np.all(mask[r][real & nxt_same] == 1) if all_trained else \
+            not mask[r][:-1][(real & ~nxt_same)[:-1]].any()  # the last target's segment is outside the row
 
 
 @pytest.mark.parametrize("method", ["concat", "first_fit"])
@@ -88,6 +89,60 @@ def test_concat_rows_are_the_document_stream_and_attention_stays_inside_document
         # Loss: exactly the targets that continue the same document.
         tgt_doc = doc_of[r * (SEQ + 1) + 1:(r + 1) * (SEQ + 1)]
         assert np.array_equal(b["loss_mask"][r] > 0, docs_r == tgt_doc)
+
+
+def _conversations(n=24):
+    from phi3_jax.data.textbook import TextbookChatSource
+
+    src, text = TextbookChatSource(num_docs=n, seed=2), TextbookSource(num_docs=n, seed=2)
+    # Conversations between text documents: one stream mixes both kinds of document.
+    return [src[i] if i % 2 else {"text": text[i]["text"][:90]} for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["concat", "first_fit", "aligned"])
+def test_conversations_train_on_the_replies_only(method):
+    """A conversation's loss covers exactly its assistant replies (and their <|end|>), in every packing; the
+    text documents packed beside it keep the loss on every next token."""
+    tok = make_tokenizer("byte")
+    docs = _conversations()
+    align = Alignment(period=32, max_unaligned=20) if method == "aligned" else None
+    ds = grain.MapDataset.source(docs).map(Tokenize(tok)).to_iter_dataset()
+    rows = list(itertools.islice(pack(ds, SEQ, tok.pad_id, method="first_fit" if method == "first_fit" else "concat",
+                                      num_bins=4, seed=0, align=align), 60))
+    b = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if method != "aligned":  # alignment pads inside rows; the invariants above assume padding at the end
+        _check_row_invariants(b, tok.eos_id, tok.pad_id, all_trained=False)
+    # Each document's tokens and trained flags from the tokenizer alone, as strings (byte ids < 320) to search.
+    expected = []
+    for d in docs:
+        if "messages" in d:
+            ids, trained = tok.encode_chat(d["messages"])
+            assert ids[-1] == tok.eos_id and not trained[-1] and 0 < sum(trained) < len(ids)
+        else:
+            ids = tok.encode(d["text"]) + [tok.eos_id]
+            trained = [1] * len(ids)
+        expected.append(("".join(map(chr, ids)), trained))
+    losses = {"reply": 0, "prompt": 0}
+    for r in range(len(rows)):
+        seg = b["segment_ids"][r]
+        for s in np.unique(seg[seg > 0]):
+            at = np.nonzero(seg == s)[0]
+            n, key = len(at), "".join(map(chr, b["inputs"][r][at]))
+            got = b["loss_mask"][r][at].astype(int).tolist()
+            options = []  # the loss each place this piece can come from gives it
+            for text, tr in expected:
+                o = text.find(key)
+                while o >= 0:
+                    # Inside the piece the target is the next token; the last input's target is the row's
+                    # last window token, in the piece only when the document goes on there.
+                    last = tr[o + n] if at[-1] == SEQ - 1 and o + n < len(text) else 0
+                    options.append(list(tr[o + 1:o + n]) + [last])
+                    o = text.find(key, o + 1)
+            assert options, f"row {r} segment {s} is not a run of any document"
+            assert got in options, (r, s)
+            losses["reply"] += sum(got)
+            losses["prompt"] += got.count(0)
+    assert losses["reply"] and losses["prompt"]
 
 
 def test_attention_mask_batched_and_padding():

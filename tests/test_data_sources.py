@@ -65,7 +65,7 @@ def test_text_and_jsonl(tmp_path):
     assert src[0] == {"text": "one", "topic": "t", "source": "jsonl"} and src[1]["text"] == "two"
     with pytest.raises(DataError, match=r"d.jsonl:4: no field 'body'"):
         src[2]
-    with pytest.raises(DataError, match=r"d.jsonl:5: field 'body' must be a string, got int"):
+    with pytest.raises(DataError, match=r"d.jsonl:5: field 'body' must be a string or a list of chat messages, got int"):
         src[3]
     with pytest.raises(DataError, match=r"d.jsonl:6: invalid JSON"):
         src[4]
@@ -78,6 +78,47 @@ def test_text_and_jsonl(tmp_path):
     # A file whose name holds a glob character is that file when it exists.
     (tmp_path / "x[1].txt").write_text("bracketed")
     assert make_source("text", path=str(tmp_path / "x[1].txt"))[0]["text"] == "bracketed"
+
+
+def test_conversations_in_jsonl(tmp_path):
+    """A field holding chat messages makes a conversation; a malformed one names its line and message."""
+    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4", "id": 7}]
+    jl = tmp_path / "chat.jsonl"
+    jl.write_text("\n".join(json.dumps({"messages": m}) for m in (
+        chat, [{"role": "bot", "content": "hi"}], [{"role": "user", "content": 3}], ["hi"], [])) + "\n")
+    src = make_source("jsonl", path=str(jl), field="messages")
+    doc = src[0]
+    assert doc["messages"] == [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    assert doc["text"] == "What is 2 + 2?\n\n4" and doc["source"] == "jsonl"
+    for index, error in ((1, "message 0: unknown role 'bot'"), (2, "message 0: content must be str, got int"),
+                         (3, "message 0 must be a dict with 'role' and 'content'")):
+        with pytest.raises(DataError, match=rf"chat.jsonl:{index + 1}: field 'messages': chat {error}"):
+            src[index]
+    assert src[4]["messages"] == []
+
+
+def test_textbook_chat_conversations():
+    from phi3_jax.data.textbook import TextbookChatSource
+
+    a, b = TextbookChatSource(num_docs=500, seed=1), TextbookChatSource(num_docs=500, seed=1)
+    assert [a[i] for i in (499, 0, 77)] == [b[i] for i in (499, 0, 77)]
+    assert TextbookChatSource(num_docs=500, seed=2)[0] != a[0]
+    make = make_source("textbook_chat", num_docs=500, textbook_seed=1)
+    assert len(make) == 500 and make[3] == a[3]
+    arithmetic = 0
+    for i in range(200):
+        roles = [m["role"] for m in a[i]["messages"]]
+        body = roles[1:] if roles[0] == "system" else roles
+        assert body and body == ["user", "assistant"] * (len(body) // 2) and len(body) <= 6
+        for q, r in zip(a[i]["messages"][len(roles) - len(body)::2], a[i]["messages"][len(roles) - len(body) + 1::2]):
+            m = re.search(r"What is (\d+) ([-+x]) (\d+)\?", q["content"])
+            if m:  # the reply's answer is the exercise's result
+                x, op, y = int(m[1]), m[2], int(m[3])
+                assert r["content"].endswith(f"Answer: {x + y if op == '+' else x - y if op == '-' else x * y}")
+                arithmetic += 1
+    assert arithmetic > 50
+    with pytest.raises(IndexError):
+        a[500]
 
 
 def test_array_record(tmp_path):

@@ -2,6 +2,7 @@
 
 import base64
 import collections
+import itertools
 import pickle
 import re
 
@@ -113,6 +114,25 @@ def test_chat_template_tokenizes_back(all_tokenizers, kind):
     last_row = tok.vocab_size - 1
     if last_row not in tok.special_tokens.values():  # Phi-3-small names every row up to 100351
         assert tok.decode(ids + [last_row]) == prompt
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "hf", "tiktoken"])
+def test_encode_chat_marks_the_replies(all_tokenizers, kind):
+    """encode_chat gives apply_chat_template's ids, and its trained tokens are exactly each assistant reply and
+    its <|end|> (with the newline before it where the tokenizer encodes that together with the reply)."""
+    tok = all_tokenizers[kind]
+    replies = ["4, since 2 + 2 = 4 ☃.", "Six: 3 + 3 = 6.\nAnswer: 6"]
+    # An empty reply still ends with a trained <|end|>.
+    chat = CHAT[:2] + [{"role": "assistant", "content": ""}] + [
+        m for reply in replies for m in (CHAT[3], {"role": "assistant", "content": reply})]
+    for template in ("phi3", "phi3.5", "phi3-mini-april", "phi3-medium", "phi3-small"):
+        ids, trained = tok.encode_chat(chat, template=template)
+        assert ids == tok.apply_chat_template(chat, tokenize=True, template=template) and len(trained) == len(ids)
+        runs = [list(g) for k, g in itertools.groupby(zip(ids, trained), key=lambda p: p[1]) if k]
+        texts = [tok.decode([i for i, _ in run]) for run in runs]
+        assert [t.removeprefix("\n") for t in texts] == ["<|end|>"] + [r + "<|end|>" for r in replies], template
+    with pytest.raises(DataError, match="unknown role"):
+        tok.encode_chat([{"role": "bot", "content": "hi"}])
 
 
 def test_byte_tokenizer():

@@ -11,7 +11,7 @@ from phi3_jax import sharding as shd
 from phi3_jax import train_config as tcfg
 from phi3_jax.data import make_tokenizer_from_config
 
-CONFIGS = [("tiny", ""), ("tiny", "test"), ("phi3_mini", ""), ("phi3_mini", "tiny"), ("phi3_mini", "runlocal"),
+CONFIGS = [("tiny", ""), ("tiny", "test"), ("tiny", "sft"), ("tiny", "sft,test"), ("phi3_mini", ""), ("phi3_mini", "tiny"), ("phi3_mini", "runlocal"),
            ("phi3_medium", ""), ("phi3_medium", "tiny"), ("phi3_small", ""), ("phi3_small", "tiny")]
 
 

@@ -58,3 +58,29 @@ def test_init_from_a_missing_path_fails_before_writing(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         run(_cfg(2), str(tmp_path / "wd"), init_from=str(tmp_path / "nothing"))
     assert not (tmp_path / "wd").exists()
+
+
+def test_sft_from_a_pretrained_workdir_trains_on_the_replies(tmp_path):
+    """configs/tiny.py:sft started from a pretraining run: its loss is the mean next-token loss of the
+    assistants' reply tokens only, as the model alone computes it on the same batch."""
+    import phi3_jax
+    from phi3_jax.data import make_pipeline, make_tokenizer_from_config
+
+    src = tmp_path / "pretrain"
+    run(_cfg(2), str(src))
+    c = load_config("tiny", "sft,test")
+    c.mesh.fsdp, c.train.steps, c.train.lr, c.sample.max_new_tokens = 1, 1, 0.0, 8
+    res = run(c, str(tmp_path / "sft"), init_from=str(src))
+    assert isinstance(res.sample, str)
+
+    t = c.train
+    batch = next(make_pipeline(c.data, make_tokenizer_from_config(c.data), t.seq_len, t.batch_size, t.seed))
+    model = phi3_jax.load(str(src))
+    logits = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+    nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), batch["targets"][..., None], -1)[..., 0]
+    replies = batch["loss_mask"] > 0
+    seg = batch["segment_ids"]
+    same_document = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])  # targets inside the row's documents
+    assert not (replies[:, :-1] & ~same_document).any() and 0 < replies.sum() < 0.8 * same_document.sum()
+    np.testing.assert_allclose(res.losses[1], nll[replies].mean(), rtol=1e-4)
+    assert abs(nll[:, :-1][same_document].mean() - nll[replies].mean()) > 0.01  # the mask matters to this check

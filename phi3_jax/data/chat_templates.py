@@ -22,7 +22,7 @@ CHAT_TEMPLATES = ("phi3", "phi3.5", "phi3-mini-april", "phi3-medium", "phi3-smal
 ROLES = ("system", "user", "assistant")
 
 
-def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise DataError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -39,7 +39,7 @@ def render_chat(template: str, messages: Sequence[Mapping[str, str]], *, add_gen
     """The prompt string for `messages`; encode it with `allow_special=True`."""
     if template not in CHAT_TEMPLATES:
         raise DataError(f"unknown chat template {template!r}; known: {CHAT_TEMPLATES}")
-    _check_messages(messages)
+    check_messages(messages)
     if template in ("phi3-mini-april", "phi3-medium"):
         out = [bos_token] if template == "phi3-mini-april" else []
         for m in messages:

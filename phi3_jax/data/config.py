@@ -3,13 +3,15 @@
 Fields (defaults in `default_data_config`):
   sources: list of dicts, each
     name           unique name; phases refer to it
-    kind           textbook | stdlib | text | jsonl | array_record | tfds | filtered
+    kind           textbook | textbook_chat | stdlib | text | jsonl | array_record | tfds | filtered
     path           file / directory / glob (text, jsonl, array_record); dataset name (tfds);
                    stdlib root override (stdlib; empty = this Python's)
-    field          JSON / TFDS feature holding the text ("" for array_record = raw UTF-8 records)
+    field          JSON / TFDS feature holding the text ("" for array_record = raw UTF-8 records), or a
+                   conversation: a list of {"role", "content"} messages, trained on its assistant
+                   replies only (supervised fine-tuning)
     weight         mixing weight used by phases that give no weights of their own
     split          TFDS split;   data_dir: TFDS data_dir
-    num_docs       textbook: corpus size (0 = 1,000,000); other kinds: use only the first num_docs (0 = all)
+    num_docs       textbook, textbook_chat: corpus size (0 = 1,000,000); other kinds: use only the first num_docs (0 = all)
     base           filtered: the source it filters
     threshold      filtered: keep documents scoring >= threshold (< 0: quality.threshold)
     include_tests  stdlib: include the test suites
@@ -22,7 +24,8 @@ Fields (defaults in `default_data_config`):
     default), preset (tiktoken: phi3-small | generic)
   quality: scorer (heuristic | logistic | a registered name), threshold, model_path (logistic weights
     .npz; empty = train on the textbook generator's labels), train_docs, seed
-  textbook: seed (content seed, independent of the shuffle seed), low_quality_fraction
+  textbook: seed (content seed of textbook and textbook_chat, independent of the shuffle seed),
+    low_quality_fraction
   packing (concat | first_fit), first_fit_bins, add_bos, shuffle,
   eval_fraction / eval_max_docs (held-out tail of every source's index range),
   read_threads / prefetch_buffer (grain ReadOptions per source stream), worker_processes (grain worker

@@ -8,13 +8,16 @@ A row is a dict of 1-D numpy arrays of length seq_len:
   loss_mask    float32
 
 Documents are tokenized as [bos?] ids [eos] and packed into windows of seq_len + 1 tokens; a row is
-window[:-1] as inputs and window[1:] as targets, so every target inside the row is available.
+window[:-1] as inputs and window[1:] as targets, so every target inside the row is available. A
+conversation (a document with "messages") is tokenized by the tokenizer's chat template instead
+(`Tokenizer.encode_chat`), which marks the tokens of the assistant's replies as trained.
 
 Loss-mask rule: loss_mask[t] = 1 exactly when input t and target t belong to the same document piece
-(segment_ids equal and non-zero). So the loss is on predicting every next token of a document
-including its closing eos, and never on the eos -> next-document transition, which no context
-predicts and which the attention mask (tokens attend only within their segment) hides anyway.
-Padding is 0.
+(segment_ids equal and non-zero) and target t is a trained token. Every token of a text document is
+trained; in a conversation only the assistant's replies are. So the loss is on predicting every next
+token of a text document including its closing eos (of a conversation: every token of its replies), and
+never on the eos -> next-document transition, which no context predicts and which the attention mask
+(tokens attend only within their segment) hides anyway. Padding is 0.
 
 Packing methods (both from grain.experimental):
   "concat"    ConcatThenSplitIterDataset: documents concatenated and cut every seq_len + 1 tokens, so
@@ -60,18 +63,33 @@ class Alignment:
 
 
 class Tokenize(grain.transforms.Map):
-    """doc dict -> {"tokens": int32 [n]} as [bos?] encode(text) [eos]."""
+    """doc dict -> {"tokens": int32 [n], "trained": int32 [n]}: [bos?] encode(text) [eos], all trained; or a
+    conversation's `encode_chat` ids (bos and eos added where its template leaves them out), the replies
+    trained."""
 
     def __init__(self, tokenizer, add_bos: bool = False, add_eos: bool = True):
         self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
 
     def map(self, doc: dict) -> dict:
-        ids = self.tokenizer.encode(doc["text"])
-        if self.add_bos:
-            ids = [self.tokenizer.bos_id] + ids
-        if self.add_eos:
-            ids = ids + [self.tokenizer.eos_id]
-        return {"tokens": np.asarray(ids, dtype=np.int32)}
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        if "messages" in doc:
+            ids, trained = self.tokenizer.encode_chat(doc["messages"])
+            if self.add_bos and ids[:1] != [bos]:
+                ids, trained = [bos] + ids, [0] + trained
+            if self.add_eos and ids[-1:] != [eos]:
+                ids, trained = ids + [eos], trained + [0]
+        else:
+            ids = self.tokenizer.encode(doc["text"])
+            if self.add_bos:
+                ids = [bos] + ids
+            if self.add_eos:
+                ids = ids + [eos]
+            trained = [1] * len(ids)
+        return {"tokens": np.asarray(ids, dtype=np.int32), "trained": np.asarray(trained, dtype=np.int32)}
+
+
+def _all_trained(doc: dict) -> dict:
+    return doc if "trained" in doc else {**doc, "trained": np.ones(len(doc["tokens"]), np.int32)}
 
 
 class _ChunkDocument(gexp.FlatMapTransform):
@@ -82,8 +100,9 @@ class _ChunkDocument(gexp.FlatMapTransform):
         self.max_fan_out = 1 << 30  # unused by the iterator flat map; documents can be arbitrarily long
 
     def flat_map(self, element: dict) -> list[dict]:
-        t = element["tokens"]
-        return [{"tokens": t[i:i + self.length]} for i in range(0, max(len(t), 1), self.length)]
+        t, w = element["tokens"], element["trained"]
+        return [{"tokens": t[i:i + self.length], "trained": w[i:i + self.length]}
+                for i in range(0, max(len(t), 1), self.length)]
 
 
 class _AlignedDocumentsIterator(grain.DatasetIterator):
@@ -128,7 +147,7 @@ class _AlignedDocumentsIterator(grain.DatasetIterator):
                     continue
                 carry = None if nxt is None else (state, nxt)
                 offset = (offset + gap) % W
-                yield {"tokens": np.full(gap, _GAP, np.int32)}, None
+                yield {"tokens": np.full(gap, _GAP, np.int32), "trained": np.zeros(gap, np.int32)}, None
             offset = (offset + n) % W
             yield doc, (self._parent.get_state() if carry is None else carry[0], offset)
 
@@ -172,7 +191,7 @@ def rows_from_window(window: dict, pad_id: int) -> dict[str, np.ndarray]:
         seg = np.where(seg > 0, np.searchsorted(np.unique(seg[seg > 0]), seg) + 1, 0).astype(np.int32)
     seg_in, seg_tg = seg[:-1], seg[1:]
     real = seg_in != 0
-    loss_mask = (real & (seg_in == seg_tg)).astype(np.float32)
+    loss_mask = (real & (seg_in == seg_tg) & (np.asarray(window["trained"])[1:] != 0)).astype(np.float32)
     return {
         "inputs": np.where(real, tok[:-1], pad_id).astype(np.int32),
         "targets": np.where(seg_tg != 0, tok[1:], pad_id).astype(np.int32),
@@ -196,11 +215,14 @@ class _ToRow(grain.transforms.Map):
 def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str = "concat",
          num_bins: int = 16, seed: int = 0, extra: dict[str, Any] | None = None,
          align: Alignment | None = None) -> grain.IterDataset:
-    """{"tokens"} documents -> rows (ROW_KEYS, plus constant int32 `extra` fields such as source_id);
-    `align`: where long pieces may start (see the module docstring)."""
+    """{"tokens", "trained"?} documents (without "trained": every token trained) -> rows (ROW_KEYS, plus
+    constant int32 `extra` fields such as source_id); `align`: where long pieces may start (see the module
+    docstring)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     window = seq_len + 1
+    tokens_ds = tokens_ds.map(_all_trained)
+    lengths = {"tokens": window, "trained": window}
     if align is not None and seq_len > align.max_unaligned:  # else every piece fits the dense local window
         if method != "concat":
             raise DataError(f"data.packing={method!r} places pieces at any row offset, and this model's "
@@ -208,10 +230,10 @@ def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str
                             f"multiples of {align.period}: use data.packing='concat'")
         tokens_ds = _AlignedDocuments(tokens_ds, window, align)
     if method == "concat":
-        packed = gexp.ConcatThenSplitIterDataset(tokens_ds, length_struct={"tokens": window})
+        packed = gexp.ConcatThenSplitIterDataset(tokens_ds, length_struct=lengths)
     elif method == "first_fit":
         pieces = gexp.FlatMapIterDataset(tokens_ds, _ChunkDocument(window))
-        packed = gexp.FirstFitPackIterDataset(pieces, length_struct={"tokens": window}, num_packing_bins=num_bins,
+        packed = gexp.FirstFitPackIterDataset(pieces, length_struct=lengths, num_packing_bins=num_bins,
                                               seed=seed, shuffle_bins=True)
     else:
         raise DataError(f"unknown packing method {method!r}; known: {PACKING_METHODS}")

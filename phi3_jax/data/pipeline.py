@@ -89,7 +89,7 @@ class _Corpus:
     def ranges(self, s: SourceSpec) -> tuple[range, range]:
         base = self.spec.source(s.base) if s.kind == "filtered" else s
         n = len(self.raw[base.name])
-        if base.num_docs and base.kind != "textbook":
+        if base.num_docs and base.kind not in ("textbook", "textbook_chat"):  # those two are num_docs long
             n = min(n, base.num_docs)
         frac = self.spec.eval_fraction
         n_eval = 0 if frac == 0 else min(self.spec.eval_max_docs, max(1, int(n * frac)))

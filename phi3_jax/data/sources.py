@@ -1,7 +1,10 @@
 """Document sources with random access by index (grain's RandomAccessDataSource protocol).
 
-Every source returns dicts with at least "text" and "source"; "topic" and "audience" where known.
-Kinds: textbook (synthetic, `textbook.py`), stdlib (this Python's standard library as a code corpus),
+Every source returns dicts with at least "text" and "source"; "topic" and "audience" where known. A
+conversation (a JSON field holding a list of {"role", "content"} messages, or the textbook_chat kind) also
+has "messages": the pipeline renders it with the tokenizer's chat template and trains only on the
+assistant's replies (supervised fine-tuning); its "text" is the contents, for quality scorers.
+Kinds: textbook (synthetic, `textbook.py`), textbook_chat (synthetic tutoring conversations), stdlib (this Python's standard library as a code corpus),
 text (one document per file), jsonl (one document per line, text in `field`), array_record (one
 document per record: UTF-8 text, or JSON with `field`), tfds (`tfds.data_source`, array_record format,
 no TensorFlow needed). The "filtered" kind (a quality-filtered view of another source) is built by the
@@ -19,10 +22,11 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Mapping
 
+from phi3_jax.data.chat_templates import check_messages
 from phi3_jax.data.errors import DataError
-from phi3_jax.data.textbook import TextbookSource
+from phi3_jax.data.textbook import TextbookChatSource, TextbookSource
 
-SOURCE_KINDS = ("textbook", "stdlib", "text", "jsonl", "array_record", "tfds", "filtered")
+SOURCE_KINDS = ("textbook", "textbook_chat", "stdlib", "text", "jsonl", "array_record", "tfds", "filtered")
 
 
 def expand_paths(path: str, what: str, suffixes: tuple[str, ...] = ()) -> list[Path]:
@@ -95,6 +99,16 @@ class TextFilesSource:
         return {"text": f.read_bytes().decode("utf-8", errors="replace"), "source": self.name, "path": str(f)}
 
 
+def chat_document(messages: Any, where: str) -> dict:
+    """A conversation as a document: its "messages", and their contents as "text" for quality scorers."""
+    try:
+        check_messages(messages)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "text": "\n\n".join(m["content"] for m in messages)}
+
+
 def _text_field(record: Any, field: str, where: str) -> dict:
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -103,9 +117,13 @@ def _text_field(record: Any, field: str, where: str) -> dict:
     text = record[field]
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
-    out = {"text": text}
+    if isinstance(text, list):
+        out = chat_document(text, f"{where}: field {field!r}")
+    elif isinstance(text, str):
+        out = {"text": text}
+    else:
+        raise DataError(f"{where}: field {field!r} must be a string or a list of chat messages, got "
+                        f"{type(text).__name__}")
     for key in ("topic", "audience"):
         if isinstance(record.get(key), str):
             out[key] = record[key]
@@ -210,11 +228,13 @@ class TfdsSource:
 def make_source(kind: str, *, name: str = "", path: str = "", field: str = "text", split: str = "train",
                 data_dir: str = "", num_docs: int = 0, textbook_seed: int = 0,
                 low_quality_fraction: float = 0.2, include_tests: bool = False):
-    """Build one source. `num_docs` sizes the textbook corpus (0 -> one million documents)."""
+    """Build one source. `num_docs` sizes the textbook corpora (0 -> one million documents)."""
     name = name or kind
     if kind == "textbook":
         return TextbookSource(num_docs=num_docs or 1_000_000, seed=textbook_seed,
                               low_quality_fraction=low_quality_fraction)
+    if kind == "textbook_chat":
+        return TextbookChatSource(num_docs=num_docs or 1_000_000, seed=textbook_seed)
     if kind == "stdlib":
         return StdlibSource(include_tests=include_tests, root=path or None)
     if kind == "text":

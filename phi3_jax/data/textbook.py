@@ -8,6 +8,9 @@ identical on every machine.
 A fraction of documents is deliberately degraded (missing solutions, wrong answers, garbled words,
 spam lines). They carry `quality=0` and the kind of defect, which gives the quality scorers labelled
 examples and gives a quality-filtered phase something real to remove.
+
+`TextbookChatSource` turns the same exercises into tutoring conversations (chat messages) for supervised
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -112,35 +115,37 @@ def _arithmetic(rng, audience, defect):
     return parts
 
 
+def _logic_exercise(rng: random.Random) -> tuple[str, str, str]:
+    """One exercise: (question, worked reasoning, answer)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        who = rng.sample(_NAMES, 3)
+        rel, most, least = rng.choice(_RELATIONS)
+        question = f"{who[0]} is {rel} than {who[1]}. {who[1]} is {rel} than {who[2]}. Who is the {most}?"
+        work = (f"The relation '{rel} than' is transitive, so {who[0]} is {rel} than {who[2]} as well. "
+                f"{who[0]} is {rel} than both others, and {who[2]} is the {least}.")
+        return question, work, who[0]
+    if kind == 1:
+        p, q = rng.choice(_CONDITIONALS)
+        if rng.random() < 0.5:
+            question = f"If {p}, then {q}. We know that {p}. What follows?"
+            work = "This is modus ponens: the condition holds, so the consequence holds."
+            return question, work, q[0].upper() + q[1:] + "."
+        question = f"If {p}, then {q}. We know that it is not true that {q}. What follows?"
+        work = "This is modus tollens: if the condition held, the consequence would hold; it does not."
+        return question, work, f"It is not true that {p}."
+    vals = {v: rng.random() < 0.5 for v in "ABC"}
+    inner = vals["A"] and not vals["B"]
+    result = inner or vals["C"]
+    question = f"Let A = {vals['A']}, B = {vals['B']}, C = {vals['C']}. Evaluate (A and not B) or C."
+    work = f"not B = {not vals['B']}; A and not B = {inner}; {inner} or {vals['C']} = {result}."
+    return question, work, str(result)
+
+
 def _logic(rng, audience, defect):
     parts = [f"Title: Reasoning exercises for {audience}", "", _INTRO[audience], ""]
     for k in range(1, rng.randint(2, 4) + 1):
-        kind = rng.randrange(3)
-        if kind == 0:
-            who = rng.sample(_NAMES, 3)
-            rel, most, least = rng.choice(_RELATIONS)
-            question = f"{who[0]} is {rel} than {who[1]}. {who[1]} is {rel} than {who[2]}. Who is the {most}?"
-            work = (f"The relation '{rel} than' is transitive, so {who[0]} is {rel} than {who[2]} as well. "
-                    f"{who[0]} is {rel} than both others, and {who[2]} is the {least}.")
-            answer = who[0]
-        elif kind == 1:
-            p, q = rng.choice(_CONDITIONALS)
-            if rng.random() < 0.5:
-                question = f"If {p}, then {q}. We know that {p}. What follows?"
-                work = "This is modus ponens: the condition holds, so the consequence holds."
-                answer = q[0].upper() + q[1:] + "."
-            else:
-                question = f"If {p}, then {q}. We know that it is not true that {q}. What follows?"
-                work = "This is modus tollens: if the condition held, the consequence would hold; it does not."
-                answer = f"It is not true that {p}."
-        else:
-            vals = {v: rng.random() < 0.5 for v in "ABC"}
-            inner = vals["A"] and not vals["B"]
-            result = inner or vals["C"]
-            question = (f"Let A = {vals['A']}, B = {vals['B']}, C = {vals['C']}. "
-                        "Evaluate (A and not B) or C.")
-            work = f"not B = {not vals['B']}; A and not B = {inner}; {inner} or {vals['C']} = {result}."
-            answer = str(result)
+        question, work, answer = _logic_exercise(rng)
         if defect == "wrong_answer":
             answer = rng.choice(("Nothing follows.", "Both.", "It depends."))
         parts.append(f"Exercise {k}: {question}")
@@ -278,3 +283,53 @@ class TextbookSource:
 
     def __repr__(self) -> str:
         return f"TextbookSource(num_docs={self.num_docs}, seed={self.seed})"
+
+
+_TUTOR = {
+    "children": "You are a friendly tutor for children. Explain each step simply.",
+    "high school students": "You are a tutor for high school students. Show the steps, then the answer.",
+    "college students": "You are a tutor for college students. State the method, then verify the result.",
+    "programmers": "You are a precise assistant for programmers. Reason step by step.",
+}
+_FOLLOW_UPS = ("Thanks! Here is another one.", "Great. Next question:", "Can you do one more?", "And this one?")
+
+
+class TextbookChatSource:
+    """Random-access synthetic tutoring conversations, for supervised fine-tuning (grain
+    RandomAccessDataSource protocol).
+
+    Each conversation is an optional system message for one audience, then 1-3 exchanges: the user asks an
+    arithmetic or reasoning exercise from the textbook lessons, the assistant answers with the worked
+    steps and "Answer: ...". Conversation `i` depends only on (seed, i); the replies are always correct.
+    """
+
+    def __init__(self, num_docs: int = 1_000_000, seed: int = 0):
+        if num_docs <= 0:
+            raise ValueError(f"num_docs must be positive, got {num_docs}")
+        self.num_docs, self.seed = int(num_docs), int(seed)
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.num_docs:
+            raise IndexError(f"textbook_chat index {index} out of range [0, {self.num_docs})")
+        rng = random.Random(f"textbook_chat/{self.seed}/{index}")
+        audience = rng.choice(AUDIENCES)
+        messages = [{"role": "system", "content": _TUTOR[audience]}] if rng.random() < 0.5 else []
+        for turn in range(rng.randint(1, 3)):
+            if rng.random() < 0.6:
+                question, work, lhs, answer, suffix = _arith_exercise(rng, audience)
+                reply = f"{work} So {lhs} = {answer}{suffix}.\nAnswer: {answer}{suffix}"
+            else:
+                question, work, answer = _logic_exercise(rng)
+                reply = f"{work}\nAnswer: {answer}"
+            if turn:
+                question = f"{rng.choice(_FOLLOW_UPS)} {question}"
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        return {"messages": messages, "text": "\n\n".join(m["content"] for m in messages), "topic": "chat",
+                "audience": audience, "source": "textbook_chat"}
+
+    def __repr__(self) -> str:
+        return f"TextbookChatSource(num_docs={self.num_docs}, seed={self.seed})"

@@ -2,7 +2,8 @@
 
 Every tokenizer exposes `vocab_size` (embedding rows, padded to a multiple of 64), `encode`, `decode`,
 `bos_id`, `eos_id`, `pad_id`, `special_tokens` (name -> id), `stop_ids`, `dummy_ids` (ids the model must
-never emit; Phi-3-small's 91) and `apply_chat_template`.
+never emit; Phi-3-small's 91), `apply_chat_template` and `encode_chat` (a conversation's ids and which of
+them the assistant wrote: the tokens supervised fine-tuning trains on).
 
 `encode(text)` treats special-token strings in `text` as plain text, so a document that happens to
 contain "<|endoftext|>" cannot inject a control token; prompts built by `apply_chat_template` are
@@ -14,6 +15,7 @@ No file is fetched over the network: every tokenizer loads from a local path.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -150,13 +152,23 @@ class Tokenizer(abc.ABC):
         text = _checked_text(text)
         if not allow_special or self._special_re is None:
             return self._encode_ordinary(text)
-        out: list[int] = []
-        for k, piece in enumerate(self._special_re.split(text)):
+        return self._encode_with_spans(text)[0]
+
+    def _encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text, allow_special=True)` and each token's [start, end) characters in `text`: exact for
+        specials; an ordinary token gets the span of the text between specials that it was encoded from."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for k, piece in enumerate(self._special_re.split(text) if self._special_re is not None else [text]):
             if k % 2:  # odd pieces are the captured special tokens
-                out.append(self.special_tokens[piece])
-            elif piece:
-                out.extend(self._encode_ordinary(piece))
-        return out
+                new = [self.special_tokens[piece]]
+            else:
+                new = self._encode_ordinary(piece) if piece else []
+            ids += new
+            spans += [(pos, pos + len(piece))] * len(new)
+            pos += len(piece)
+        return ids, spans
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         parts, run = [], []
@@ -179,6 +191,34 @@ class Tokenizer(abc.ABC):
         text = render_chat(template or self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text, allow_special=True) if tokenize else text
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None
+                    ) -> tuple[list[int], list[int]]:
+        """A conversation for supervised fine-tuning -> (ids, trained).
+
+        `ids` is `apply_chat_template(messages, tokenize=True)`. `trained[i]` is 1 on the tokens that write an
+        assistant message's content and its closing <|end|> (what the model learns to say; <|end|> is where
+        sampling stops), 0 on everything else: system and user turns, role markers, bos and eos. Where a
+        tokenizer encodes the newline after <|assistant|> together with the reply (byte, SentencePiece and
+        tiktoken encode the text between two specials as one piece), that newline is trained too.
+        """
+        template = template or self.chat_template
+        render = functools.partial(render_chat, template, bos_token=self.bos_token, eos_token=self.eos_token)
+        text = render(messages, add_generation_prompt=False)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            # The text before the reply is the prompt a sampler would be given: the reply starts there.
+            start = len(render(messages[:k], add_generation_prompt=True))
+            reply = m["content"] + END
+            if text[start:start + len(reply)] != reply:
+                raise DataError(f"chat template {template!r} does not write assistant message {k} as its content "
+                                f"and {END} right after the prompt before it, so its tokens cannot be told apart")
+            spans.append((start, start + len(reply)))
+        ids, token_spans = self._encode_with_spans(_checked_text(text))
+        trained = [int(any(max(s, a) < min(e, b) or a <= s < b for a, b in spans)) for s, e in token_spans]
+        return ids, trained
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, chat_template={self.chat_template!r})"
@@ -292,6 +332,11 @@ class HFTokenizer(Tokenizer):
         if not allow_special:
             return self._encode_ordinary(text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _encode_with_spans(self, text):
+        # The library's own offsets (characters of `text`), so its added-token stripping applies as in encode.
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
