@@ -86,6 +86,15 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _global_sum(x: float) -> float:
+    """`x` summed over processes (every process must call it)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return float(np.sum(multihost_utils.process_allgather(np.float32(x))))
+
+
 def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=None, wd_multipliers=None) -> Result:
     """Trains as configured; returns what happened. Raises ConfigError / DataError / CheckpointError /
     ShardingError / TrainingError with one message each; user errors are raised before anything is written."""
@@ -93,7 +102,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     from phi3_jax import optim
     from phi3_jax import train_data
     from phi3_jax import train_state as ts
-    from phi3_jax.data import make_tokenizer_from_config, unigram_entropy
+    from phi3_jax.data import DataError, make_tokenizer_from_config, unigram_entropy
     from phi3_jax.metrics import MetricsWriter, mfu, peak_flops
 
     # ---- everything a user can get wrong is checked before the workdir is touched ----
@@ -119,6 +128,13 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
     if init_from and not resuming:  # a resumed run restores its own weights; init_from may be gone by then
         ckpt_lib.resolve(init_from)  # a missing or unrecognised path fails before anything is written
+    first = []
+    if not resuming:
+        first = list(itertools.islice(feed, 8))
+        feed.set_state(initial_data_state)
+        if _global_sum(sum(float(b["loss_mask"].sum()) for b in first)) == 0:
+            raise DataError("the first 8 batches hold no token to train on (every loss_mask is 0): are these "
+                            "conversations without assistant replies? check config.data.sources")
 
     abstract_params = ckpt_lib.abstract_params(model_cfg, r.precision["param_dtype"])
     tx, schedule = optim.make_optimizer_from_config(abstract_params, t, lr_multipliers=lr_multipliers,
@@ -170,9 +186,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    f"{dict(mesh.shape)}{sp}; {jax.process_count()} process(es), {jax.device_count()} device(s) "
                    f"({jax.devices()[0].device_kind})")
     h = None
-    if start == 0:
-        first = list(itertools.islice(feed, 8))
-        feed.set_state(initial_data_state)
+    if start == 0 and any(b["loss_mask"].any() for b in first):  # a process's own rows may have none
         h = unigram_entropy(first)
         padding = float(np.mean([np.mean(b["segment_ids"] == 0) for b in first]))
         writer.write(0, {"unigram_entropy": h, "padding_fraction": padding})
@@ -184,12 +198,16 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
 
     evals = []
     if t.eval_every > 0:
-        evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in train_data.eval_batches(
-            r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps, align)]
-
-    if t.eval_every > 0 and not evals:
-        writer.message(f"no evaluation: the data has no held-out rows (data.eval_fraction="
-                       f"{r.raw['data']['eval_fraction']}) for train.eval_every={t.eval_every}")
+        held_out = train_data.eval_batches(r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards,
+                                           t.eval_steps, align)
+        if not held_out:
+            writer.message(f"no evaluation: the data has no held-out rows (data.eval_fraction="
+                           f"{r.raw['data']['eval_fraction']}) for train.eval_every={t.eval_every}")
+        elif _global_sum(sum(float(b["loss_mask"].sum()) for b in held_out)) == 0:
+            writer.message("no evaluation: the held-out rows hold no token to train on (conversations without "
+                           "assistant replies?)")
+        else:
+            evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in held_out]
 
     def evaluate() -> float | None:
         if not evals:

@@ -133,6 +133,27 @@ def test_encode_chat_marks_the_replies(all_tokenizers, kind):
         assert [t.removeprefix("\n") for t in texts] == ["<|end|>"] + [r + "<|end|>" for r in replies], template
     with pytest.raises(DataError, match="unknown role"):
         tok.encode_chat([{"role": "bot", "content": "hi"}])
+    # A surrogate pair written as two code points (one character once encoded) leaves the reply's span in place.
+    ids, trained = tok.encode_chat([{"role": "user", "content": "x\ud83d\ude00" * 3}, {"role": "assistant", "content": "ok"}])
+    assert tok.decode([i for i, t in zip(ids, trained) if t]).removeprefix("\n") == "ok<|end|>"
+
+
+def test_encode_chat_with_specials_that_strip_whitespace(tmp_path):
+    """Phi-3's tokenizer.json flags its specials rstrip: <|assistant|> then takes in the whitespace that opens the
+    reply, and must still carry no loss."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    lib = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    lib.pre_tokenizer, lib.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    lib.add_special_tokens([AddedToken(t, rstrip=True, special=True, normalized=False)
+                            for t in ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")])
+    lib.save(str(tmp_path / "tokenizer.json"))
+    tok = make_tokenizer("hf", str(tmp_path / "tokenizer.json"))
+    for reply in (" 4", "\n\nAnswer: 4", "4"):
+        ids, trained = tok.encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}])
+        assert [tok.decode([i]) for i, t in zip(ids, trained) if t][-1] == "<|end|>"
+        assert tok.decode([i for i, t in zip(ids, trained) if t]) == reply.lstrip() + "<|end|>", reply
 
 
 def test_byte_tokenizer():

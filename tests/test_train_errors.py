@@ -57,6 +57,30 @@ def test_config_file_errors_name_the_field(tmp_path):
     assert not wd.exists()
 
 
+def test_conversations_without_replies(tmp_path):
+    """Chat data with nothing to learn (no assistant message) stops before the workdir is made; held-out rows
+    without replies turn evaluation off instead of reporting a loss of 0."""
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"}]}) + "\n"
+                               for i in range(60)))
+    c = load_config("tiny", "sft,test")
+    c.data.sources = [dict(c.data.sources[0], name="prompts", kind="jsonl", path=str(prompts), field="messages")]
+    wd = tmp_path / "wd"
+    with pytest.raises(DataError, match="hold no token to train on .* conversations without assistant replies"):
+        run(c, str(wd))
+    assert not wd.exists()
+
+    chats = tmp_path / "chats.jsonl"  # the held-out tail (the last 2 lines) has no replies
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}?"}] + (
+        [{"role": "assistant", "content": f"a {i}."}] if i < 58 else [])}) + "\n" for i in range(60)))
+    c.data.sources = [dict(c.data.sources[0], name="chats", kind="jsonl", path=str(chats), field="messages")]
+    c.data.eval_fraction, c.train.eval_every, c.train.steps = 0.03, 1, 2
+    res = run(c, str(wd))
+    assert res.eval_loss is None and res.step == 2
+
+
 def test_first_fit_packing_for_a_block_sparse_model(tmp_path):
     c = load_config("phi3_small", "tiny")
     c.data.packing = "first_fit"

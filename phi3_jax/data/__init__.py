@@ -1,4 +1,4 @@
-"""Data pipeline: sources, tokenizers, packing, phase mixtures, quality scoring, synthetic lessons."""
+"""Data pipeline: sources, tokenizers, packing, phase mixtures, quality scoring, synthetic lessons and chats."""
 
 from phi3_jax.data.chat_templates import CHAT_TEMPLATES, render_chat
 from phi3_jax.data.config import DataSpec, default_data_config, validate_data_config
@@ -11,7 +11,7 @@ from phi3_jax.data.quality import HeuristicScorer, LogisticScorer, QualityScorer
 from phi3_jax.data.sources import (SOURCE_KINDS, ArrayRecordSource, JsonlSource, StdlibSource, TextFilesSource,
                                    TfdsSource, make_source)
 from phi3_jax.data.stats import unigram_entropy
-from phi3_jax.data.textbook import TextbookSource
+from phi3_jax.data.textbook import TextbookChatSource, TextbookSource
 from phi3_jax.data.tokenizers import (PHI3_SMALL_DUMMY_IDS, PHI3_SMALL_SPECIAL_TOKENS, PHI3_SMALL_STOP_IDS,
                                       TOKENIZER_KINDS, Tokenizer, make_tokenizer, phi3_small_dummy_ids)
 
@@ -21,6 +21,6 @@ __all__ = [
     "make_pipeline_dataset", "make_tokenizer_from_config", "phase_schedule", "source_documents", "HeuristicScorer",
     "LogisticScorer", "QualityScorer", "make_scorer", "register_scorer", "SOURCE_KINDS", "ArrayRecordSource",
     "JsonlSource", "StdlibSource", "TextFilesSource", "TfdsSource", "make_source", "unigram_entropy",
-    "TextbookSource", "PHI3_SMALL_DUMMY_IDS", "PHI3_SMALL_SPECIAL_TOKENS", "PHI3_SMALL_STOP_IDS",
+    "TextbookSource", "TextbookChatSource", "PHI3_SMALL_DUMMY_IDS", "PHI3_SMALL_SPECIAL_TOKENS", "PHI3_SMALL_STOP_IDS",
     "TOKENIZER_KINDS", "Tokenizer", "make_tokenizer", "phi3_small_dummy_ids",
 ]

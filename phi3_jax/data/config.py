@@ -6,9 +6,9 @@ Fields (defaults in `default_data_config`):
     kind           textbook | textbook_chat | stdlib | text | jsonl | array_record | tfds | filtered
     path           file / directory / glob (text, jsonl, array_record); dataset name (tfds);
                    stdlib root override (stdlib; empty = this Python's)
-    field          JSON / TFDS feature holding the text ("" for array_record = raw UTF-8 records), or a
-                   conversation: a list of {"role", "content"} messages, trained on its assistant
-                   replies only (supervised fine-tuning)
+    field          JSON / TFDS feature holding the text ("" for array_record = raw UTF-8 records); in a
+                   JSON record (jsonl, array_record) it may hold a conversation instead: a list of
+                   {"role", "content"} messages, trained on its assistant replies only (fine-tuning)
     weight         mixing weight used by phases that give no weights of their own
     split          TFDS split;   data_dir: TFDS data_dir
     num_docs       textbook, textbook_chat: corpus size (0 = 1,000,000); other kinds: use only the first num_docs (0 = all)

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from phi3_jax.data.chat_templates import CHAT_TEMPLATES, render_chat
+from phi3_jax.data.chat_templates import CHAT_TEMPLATES, check_messages, render_chat
 from phi3_jax.data.errors import DataError
 
 ENDOFTEXT, SYSTEM, USER, ASSISTANT, END = "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -201,8 +201,14 @@ class Tokenizer(abc.ABC):
         sampling stops), 0 on everything else: system and user turns, role markers, bos and eos. Where a
         tokenizer encodes the newline after <|assistant|> together with the reply (byte, SentencePiece and
         tiktoken encode the text between two specials as one piece), that newline is trained too.
+
+        As in transformers' `apply_chat_template` (and so as at inference), special-token strings inside
+        the contents are read as those tokens: a reply that writes "<|end|>" trains the model to stop there.
         """
         template = template or self.chat_template
+        check_messages(messages)
+        # Lone surrogates replaced before measuring spans, so the spans index the text that is encoded.
+        messages = [{"role": m["role"], "content": _checked_text(m["content"])} for m in messages]
         render = functools.partial(render_chat, template, bos_token=self.bos_token, eos_token=self.eos_token)
         text = render(messages, add_generation_prompt=False)
         spans = []
@@ -216,8 +222,15 @@ class Tokenizer(abc.ABC):
                 raise DataError(f"chat template {template!r} does not write assistant message {k} as its content "
                                 f"and {END} right after the prompt before it, so its tokens cannot be told apart")
             spans.append((start, start + len(reply)))
-        ids, token_spans = self._encode_with_spans(_checked_text(text))
-        trained = [int(any(max(s, a) < min(e, b) or a <= s < b for a, b in spans)) for s, e in token_spans]
+        ids, token_spans = self._encode_with_spans(text)
+        trained = []
+        for i, (s, e) in zip(ids, token_spans):
+            if i in self._id_to_special:
+                # By where it starts: a special's span can take in the whitespace after it (tokenizer.json's
+                # rstrip flag), so <|assistant|> may reach into the reply it precedes.
+                trained.append(int(any(a <= s < b for a, b in spans)))
+            else:
+                trained.append(int(any(max(s, a) < min(e, b) or a <= s < b for a, b in spans)))
         return ids, trained
 
     def __repr__(self) -> str:
