@@ -170,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value in (("--max_new_tokens", args.max_new_tokens), ("--temperature", args.temperature),
+                        ("--top_k", args.top_k)):
+        if value < 0:
+            parser.error(f"{name} must be >= 0, got {value}")
     from phi3_jax.checkpoint import CheckpointError, load_model
     from phi3_jax.model.config import ConfigError
 
@@ -180,6 +185,8 @@ def main(argv=None) -> int:
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model {model.cfg.vocab_size}: pass the "
                              "--tokenizer the model was trained with")
+        if args.top_k > model.cfg.vocab_size:
+            raise ValueError(f"--top_k {args.top_k} is larger than the model's vocabulary ({model.cfg.vocab_size})")
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -188,6 +195,10 @@ def main(argv=None) -> int:
                    for p in args.prompt]
     else:
         prompts = [tok.encode(p) or [tok.bos_id] for p in args.prompt]
+    longest = max(len(p) for p in prompts) + args.max_new_tokens
+    if longest > model.cfg.max_position_embeddings:
+        print(f"warning: prompt + --max_new_tokens reach {longest} positions, beyond the model's "
+              f"max_position_embeddings={model.cfg.max_position_embeddings}", file=sys.stderr)
     stop = tuple(getattr(tok, "stop_ids", ()) or (tok.eos_id,))
     outs = generate_batch(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           seed=args.seed, stop_ids=stop, pad_id=tok.pad_id)

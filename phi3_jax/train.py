@@ -124,6 +124,12 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     next(feed)  # reads from every source now: a missing or bad file fails here, not mid-run
     feed.set_state(initial_data_state)
     workdir_p = Path(workdir)
+    existing = next(p for p in (workdir_p, *workdir_p.parents) if p.exists())
+    if not existing.is_dir():
+        raise tcfg.ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory")
+    if model_cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise tcfg.ConfigError(f"config.model.attention_impl='cudnn' needs a GPU; this run's devices are "
+                               f"{jax.default_backend()} (use 'auto' or 'xla')")
     resuming = (workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS).is_dir() and ckpt_lib._steps(
         workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
     if init_from and not resuming:  # a resumed run restores its own weights; init_from may be gone by then
@@ -223,7 +229,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     status, last_saved, eval_loss = "done", start, None
     data_state = feed.get_state()
 
-    def handle(step: int, m: dict) -> None:
+    def handle(step: int, m: dict, force_log: bool = False) -> None:
         m = jax.device_get(m)
         loss, finite = float(m["loss"]), bool(m["finite"])
         losses[step] = loss
@@ -236,9 +242,10 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
             raise TrainingError(
                 f"stopping at step {step}: {int(m['nonfinite_run'])} steps in a row had a non-finite loss or "
                 f"gradient (train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); their updates were skipped. "
-                f"The last checkpoint (step {last_saved}) is intact. Lower train.lr or check the data.")
+                + (f"The last checkpoint (step {last_saved}) is intact. " if last_saved else
+                   "No checkpoint was saved before it. ") + "Lower train.lr or check the data.")
         first = window["t0"] is None  # the first step includes compilation: time from its end
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or step == t.steps or force_log:
             now = time.perf_counter()
             tps = window["tokens"] / max(now - window["t0"], 1e-9) if window["tokens"] and not first else None
             applied = step - int(m["skipped"])
@@ -252,7 +259,9 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
             writer.progress(step, loss=row["loss"], **({"tok/s": f"{tps:,.0f}"} if tps else {}))
             window.update(loss=0.0, n=0, gn=0.0, t0=now, tokens=0)
         if first:
-            window["t0"], window["tokens"] = time.perf_counter(), 0
+            # The next step is already in flight (dispatched before this one was read) and may have finished
+            # during this call: its tokens do not count against the time from here.
+            window["t0"], window["tokens"] = time.perf_counter(), -tokens_per_step
 
     logged: dict[str, float] = {}
     pending = None
@@ -283,7 +292,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                     last_saved = s
                 if stop:
                     if pending is not None:
-                        handle(*pending)
+                        handle(*pending, force_log=True)  # the steps since the last log row are not lost
                         pending = None
                     ckpt.wait()
                     status = "preempted"
@@ -291,7 +300,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                                    f"{ckpt.directory / str(s)}; run the same command to resume")
                     break
             if pending is not None:
-                handle(*pending)
+                handle(*pending, force_log=True)
                 pending = None
             final_step = int(jax.device_get(state["step"]))
             if status == "done":  # still under the handlers: a signal now waits for this save
@@ -365,7 +374,10 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.stderr.write(f"error: {e}\n")
+        # A config file that raises puts its whole traceback in the message; its last line says what failed.
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        head = lines[0].split(":")[0] if lines else "flags"
+        sys.stderr.write(f"error: {head}: {lines[-1].strip()}\n" if len(lines) > 1 else f"error: {e}\n")
         sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = next((a for a in argv[1:] if a.startswith("--config.")), "")

@@ -208,6 +208,9 @@ class Resolved:
 
 def validate(config) -> Resolved:
     """Checks every section; raises ConfigError / DataError naming the field. Writes nothing."""
+    if type(config).__name__ == "_ErrorConfig":  # ml_collections' stand-in for a config file that failed to load
+        error = object.__getattribute__(config, "_error")
+        raise ConfigError(f"--config: cannot load the config file: {str(error).strip().splitlines()[-1]}")
     raw = _plain(config)
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a ConfigDict, got {type(config).__name__}")
@@ -236,6 +239,9 @@ def validate(config) -> Resolved:
                           f"train.seq_len={train['seq_len']}")
     if train["batch_size"] % train["grad_accum"]:
         raise ConfigError(f"config.train.grad_accum={train['grad_accum']}: must divide "
+                          f"train.batch_size={train['batch_size']}")
+    if train["data_shards"] and train["batch_size"] % train["data_shards"]:
+        raise ConfigError(f"config.train.data_shards={train['data_shards']}: must divide "
                           f"train.batch_size={train['batch_size']}")
 
     mesh = _check_section("mesh", raw.get("mesh", {}), mesh_defaults())
@@ -321,6 +327,10 @@ def resolve_model(resolved: Resolved, tokenizer) -> ModelConfig:
     if fields["vocab_size"] == -1:
         fields["vocab_size"] = int(tokenizer.vocab_size)
     cfg = _model_config(fields)
+    if resolved.train.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"config.train.seq_len={resolved.train.seq_len} is longer than the model's "
+                          f"max_position_embeddings={cfg.max_position_embeddings}; shorten it or raise "
+                          "config.model.max_position_embeddings")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} ids, data.tokenizer.kind={resolved.data.tokenizer['kind']!r}); "

@@ -139,4 +139,14 @@ def test_cli_on_a_checkpoint_and_a_workdir(tmp_path, capsys):
     run(c, str(tmp_path / "wd"))
     capsys.readouterr()
     assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "Exercise 1:", "--max_new_tokens", "4", "--chat"]) == 0
-    assert capsys.readouterr().out.startswith("Exercise 1:")
+    assert capsys.readouterr().out.startswith("Exercise 1:\n")
+    # Sampling values out of range are one error line each.
+    for flag, value in (("--max_new_tokens", "-3"), ("--temperature", "-1"), ("--top_k", "-2")):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x", flag, value])
+        assert e.value.code == 2 and f"{flag} must be >= 0" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x", "--temperature", "1", "--top_k", "100000"]) == 2
+    assert "--top_k 100000 is larger than the model's vocabulary" in capsys.readouterr().err
+    # Past the model's positions: sampled, with a warning.
+    assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x" * 4095, "--max_new_tokens", "2"]) == 0
+    assert "beyond the model's max_position_embeddings=4096" in capsys.readouterr().err

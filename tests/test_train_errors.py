@@ -81,6 +81,38 @@ def test_conversations_without_replies(tmp_path):
     assert res.eval_loss is None and res.step == 2
 
 
+def test_workdir_shards_positions_and_platform(tmp_path):
+    """Errors found before the model is built, each naming what to fix; nothing is written."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for wd in (afile, afile / "sub"):
+        with pytest.raises(ConfigError, match=r"--workdir .*afile is a file, not a directory"):
+            run(_cfg(), str(wd))
+    assert afile.read_text() == "keep"
+    wd = tmp_path / "wd"
+    with pytest.raises(ConfigError, match=r"config\.train\.data_shards=3: must divide train\.batch_size=8"):
+        run(_cfg(data_shards=3), str(wd))
+    c = _cfg()
+    c.model.max_position_embeddings = 32
+    with pytest.raises(ConfigError, match=r"config\.train\.seq_len=64 is longer than the model's max_position_emb"):
+        run(c, str(wd))
+    c = _cfg()
+    c.model.attention_impl = "cudnn"
+    with pytest.raises(ConfigError, match=r"attention_impl='cudnn' needs a GPU; this run's devices are cpu"):
+        run(c, str(wd))
+    assert not wd.exists()
+
+
+def test_cli_config_file_errors_are_one_line(tmp_path):
+    wd = tmp_path / "wd"
+    r = run_cli(wd, config="configs/nope.py")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "nope.py" in r.stderr, r.stderr[-2000:]
+    r = run_cli(wd, config="configs/tiny.py:bogus")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown ARG 'bogus'" in lines[-1], r.stderr[-2000:]
+    assert not wd.exists()
+
+
 def test_first_fit_packing_for_a_block_sparse_model(tmp_path):
     c = load_config("phi3_small", "tiny")
     c.data.packing = "first_fit"
@@ -140,7 +172,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     wd = tmp_path / "wd"
     c = _cfg(steps=20, lr=1e30, warmup_steps=0, clip_norm=0.0, max_nonfinite_in_a_row=3, checkpoint_every=1,
              keep_last=1)
-    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+    with pytest.raises(TrainingError, match=r"3 steps in a row had a non-finite loss.* The last checkpoint \(step \d+\) "):
         run(c, str(wd))
     seen = losses(wd)
     assert np.isfinite(seen[1]) and not np.isfinite(float(seen[max(seen)]))
@@ -151,6 +183,10 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     import jax
 
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # Without checkpoints the message does not point at one.
+    c.train.checkpoint_every = 0
+    with pytest.raises(TrainingError, match="No checkpoint was saved before it"):
+        run(c, str(tmp_path / "wd2"))
 
 
 def test_resume_with_another_optimizer_names_the_changed_fields(tmp_path):

@@ -117,7 +117,11 @@ def read_hf(hf_dir: str | os.PathLike, dtype: str | None = None):
                     handles[f] = stack.enter_context(safe_open(str(f), framework="np"))
                 except Exception as e:
                     raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-            a = handles[f].get_tensor(name)
+            try:
+                a = handles[f].get_tensor(name)
+            except Exception as e:  # the index names a file that lacks the tensor (a stale or swapped shard)
+                raise CheckpointError(f"{f}: cannot read tensor {name!r} that the weight index places there "
+                                      f"({type(e).__name__}: {e})") from None
             return a if a.dtype == target else a.astype(target)
 
         params = params_from_hf(cfg, get_tensor, set(files), model_shapes)
