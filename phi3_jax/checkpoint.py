@@ -295,7 +295,9 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+    # TensorStore appends "See full TensorStore details: <bound method ...>" to a one-line cause.
+    line = text.splitlines()[0].split("See full TensorStore details")[0].strip() if text else ""
+    return line[:300]
 
 
 # ----------------------------------------------------------------------------------------------------

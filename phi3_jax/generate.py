@@ -145,6 +145,8 @@ def tokenizer_for(path, spec: str | None = None):
 
     if spec:
         kind, _, file = spec.partition(":")
+        if not file and kind != "byte":
+            raise ValueError(f"--tokenizer {spec}: a {kind} tokenizer is read from a file; write {kind}:PATH")
         return make_tokenizer(kind, file or None)
     tok = recorded_tokenizer(path)
     if tok is None:

@@ -181,7 +181,19 @@ def _to_bin(folder):
     torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
 
 
+def _stale_shard(folder):
+    """An index that places one tensor in a shard that does not hold it (a swapped or stale file)."""
+    tensors = _tensors(folder)
+    moved = "model.layers.1.input_layernorm.weight"
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, os.path.join(folder, "model-2.safetensors"),
+              metadata={"format": "pt"})
+    weight_map = {k: ("model-2.safetensors" if k == moved else "model.safetensors") for k in tensors}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
 BAD_HF = {
+    "stale_shard": (_stale_shard, "cannot read tensor 'model.layers.1.input_layernorm.weight' that the weight index"),
     "config_missing_field": (lambda d: _edit_config(d, lambda hf: hf.pop("hidden_size")),
                              "missing required field(s) ['hidden_size']"),
     "config_unknown_field": (lambda d: _edit_config(d, lambda hf: hf.update(magic_scale=2.0)),

@@ -145,6 +145,8 @@ def test_cli_on_a_checkpoint_and_a_workdir(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x", flag, value])
         assert e.value.code == 2 and f"{flag} must be >= 0" in capsys.readouterr().err
+    assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x", "--tokenizer", "hf"]) == 2
+    assert "a hf tokenizer is read from a file; write hf:PATH" in capsys.readouterr().err
     assert main(["--ckpt", str(tmp_path / "wd"), "--prompt", "x", "--temperature", "1", "--top_k", "100000"]) == 2
     assert "--top_k 100000 is larger than the model's vocabulary" in capsys.readouterr().err
     # Past the model's positions: sampled, with a warning.
