@@ -181,8 +181,9 @@ def _require_item(src: Source, item: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: dict, step: int = 0, *,
-               force: bool = False) -> Path:
-    """Writes a phi3_jax checkpoint (one step) holding `params` and `cfg`.
+               force: bool = False, files: dict[str, bytes] | None = None) -> Path:
+    """Writes a phi3_jax checkpoint (one step) holding `params` and `cfg`, and `files` ({name: content}, such
+    as the tokenizer.json of an imported model) beside the step folder.
 
     The directory is built under a temporary sibling name and renamed when complete; an existing
     non-empty directory is replaced only with force=True.
@@ -200,6 +201,8 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: dict, ste
             mngr.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params),
                                                        CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict())}))
             mngr.wait_until_finished()
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content)
     return out
 
 

@@ -123,8 +123,8 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, tem
 
 
 def recorded_tokenizer(path):
-    """The tokenizer stored with the model at `path`: the training run's (from its saved config), else an HF
-    folder's tokenizer.json; None if there is neither."""
+    """The tokenizer stored with the model at `path`: the training run's (from its saved config), else the
+    tokenizer.json of an HF folder or of a checkpoint imported from one; None if there is none."""
     from phi3_jax.checkpoint import read_train_config, resolve
     from phi3_jax.convert.hf_tokenizer import TOKENIZER_NAME, read_hf_tokenizer
     from phi3_jax.data.pipeline import make_tokenizer_from_config
@@ -133,7 +133,7 @@ def recorded_tokenizer(path):
     if train_config is not None:
         return make_tokenizer_from_config(train_config.get("data"))
     src = resolve(path)
-    if src.kind == "hf" and (src.path / TOKENIZER_NAME).is_file():
+    if src.kind in ("hf", "checkpoint") and (src.path / TOKENIZER_NAME).is_file():
         return read_hf_tokenizer(src.path)
     return None
 
@@ -141,11 +141,11 @@ def recorded_tokenizer(path):
 def tokenizer_for(path, spec: str | None = None):
     """The tokenizer to sample from the model at `path` with: `spec` ("KIND" or "KIND:PATH") if given, else
     `recorded_tokenizer(path)`."""
-    from phi3_jax.data import make_tokenizer
+    from phi3_jax.data import TOKENIZER_KINDS, make_tokenizer
 
     if spec:
         kind, _, file = spec.partition(":")
-        if not file and kind != "byte":
+        if not file and kind in TOKENIZER_KINDS and kind != "byte":
             raise ValueError(f"--tokenizer {spec}: a {kind} tokenizer is read from a file; write {kind}:PATH")
         return make_tokenizer(kind, file or None)
     tok = recorded_tokenizer(path)

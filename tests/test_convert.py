@@ -357,6 +357,15 @@ def test_export_writes_the_training_tokenizer(tmp_path, capsys):
     theirs = theirs.tolist()
     assert theirs[:len(new)] == new and (len(new) == 16 or theirs[len(new)] in ours.stop_ids)
 
+    # import-hf keeps the tokenizer beside the checkpoint: sampling and a later export use it.
+    assert _cli("import-hf", "--hf-dir", out, "--out", tmp_path / "ckpt2") == 0
+    assert "with tokenizer.json" in capsys.readouterr().out
+    back = phi3_jax.load_tokenizer(tmp_path / "ckpt2")
+    assert back.special_tokens == ours.special_tokens and back.chat_template == "phi3.5"
+    assert _cli("export-hf", "--ckpt", tmp_path / "ckpt2", "--out", tmp_path / "out2") == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out2" / name).read_text() == (out / name).read_text(), name
+
     # --tokenizer none: the weights alone; a checkpoint with no training config has no tokenizer to write.
     assert _cli("export-hf", "--ckpt", workdir, "--out", tmp_path / "bare", "--tokenizer", "none") == 0
     assert _cli("export-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "bare2") == 0

@@ -7,6 +7,8 @@
 export-hf writes the tokenizer the checkpoint was trained with (its saved config names it) as tokenizer.json
 and tokenizer_config.json, chat template included (`phi3_jax.convert.hf_tokenizer`), and lists its stop
 tokens in generation_config.json; a checkpoint with no training config gets none unless --tokenizer names one.
+import-hf keeps the folder's tokenizer.json and tokenizer_config.json beside the checkpoint, so generate and
+a later export-hf use them.
 
 A mistake the user can fix (bad config, missing tensor, existing output) prints one line on stderr and
 exits with status 2; nothing is written.
@@ -18,6 +20,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -57,10 +60,18 @@ def import_hf(args) -> str:
     from phi3_jax.checkpoint import save_model, unflatten
     from phi3_jax.convert.hf import prepare_out_dir, read_hf
 
+    from phi3_jax.convert.hf_tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, read_hf_tokenizer
+
     prepare_out_dir(args.out, args.force, source=args.hf_dir)  # fail before reading gigabytes
+    hf_dir = Path(args.hf_dir)
+    files = {}
+    if (hf_dir / TOKENIZER_NAME).is_file():  # kept beside the weights, for generate and export-hf
+        read_hf_tokenizer(hf_dir)  # one that does not load fails now, not when sampling
+        files = {n: (hf_dir / n).read_bytes() for n in (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME) if (hf_dir / n).is_file()}
     cfg, flat = read_hf(args.hf_dir, args.dtype)
-    out = save_model(args.out, cfg, unflatten(flat), force=args.force)
-    return f"wrote {out} ({cfg.param_count():,} parameters, {cfg.param_dtype})"
+    out = save_model(args.out, cfg, unflatten(flat), force=args.force, files=files)
+    return (f"wrote {out} ({cfg.param_count():,} parameters, {cfg.param_dtype}; "
+            f"{'with' if files else 'no'} tokenizer.json)")
 
 
 def export_hf(args) -> str:
