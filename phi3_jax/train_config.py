@@ -251,6 +251,9 @@ def validate(config) -> Resolved:
             raise ConfigError(f"config.mesh.{k}={v}: must be a positive integer or -1 (fill)")
     if sum(v == -1 for v in mesh.values()) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1")
+    if sequence_parallel and mesh["tensor"] == 1:
+        raise ConfigError("config.mesh.sequence_parallel=True splits over the tensor axis: it needs "
+                          "config.mesh.tensor > 1")
 
     precision = _check_section("precision", raw.get("precision", {}), precision_defaults())
     # No float16: its range needs loss scaling, which the train step does not do.

@@ -97,6 +97,10 @@ def test_workdir_shards_positions_and_platform(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.train\.seq_len=64 is longer than the model's max_position_emb"):
         run(c, str(wd))
     c = _cfg()
+    c.mesh.sequence_parallel = True
+    with pytest.raises(ConfigError, match=r"config\.mesh\.sequence_parallel=True .* needs config\.mesh\.tensor > 1"):
+        run(c, str(wd))
+    c = _cfg()
     c.model.attention_impl = "cudnn"
     with pytest.raises(ConfigError, match=r"attention_impl='cudnn' needs a GPU; this run's devices are cpu"):
         run(c, str(wd))
