@@ -34,6 +34,17 @@ def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
             raise DataError(f"chat message {i}: content must be str, got {type(m['content']).__name__}")
 
 
+def chat_document(messages: Sequence[Mapping[str, str]], where: str = "") -> dict:
+    """A conversation as a document: its "messages" (checked; errors start with `where`) and their contents as
+    "text", which quality scorers and tokenizer trainers read."""
+    try:
+        check_messages(messages)
+    except DataError as e:
+        raise DataError(f"{where}: {e}" if where else str(e)) from None
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "text": "\n\n".join(m["content"] for m in messages)}
+
+
 def render_chat(template: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool,
                 bos_token: str, eos_token: str) -> str:
     """The prompt string for `messages`; encode it with `allow_special=True`."""

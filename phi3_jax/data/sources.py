@@ -22,7 +22,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Mapping
 
-from phi3_jax.data.chat_templates import check_messages
+from phi3_jax.data.chat_templates import chat_document
 from phi3_jax.data.errors import DataError
 from phi3_jax.data.textbook import TextbookChatSource, TextbookSource
 
@@ -97,16 +97,6 @@ class TextFilesSource:
     def __getitem__(self, index: int) -> dict:
         f = self.files[index]
         return {"text": f.read_bytes().decode("utf-8", errors="replace"), "source": self.name, "path": str(f)}
-
-
-def chat_document(messages: Any, where: str) -> dict:
-    """A conversation as a document: its "messages", and their contents as "text" for quality scorers."""
-    try:
-        check_messages(messages)
-    except DataError as e:
-        raise DataError(f"{where}: {e}") from None
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "text": "\n\n".join(m["content"] for m in messages)}
 
 
 def _text_field(record: Any, field: str, where: str) -> dict:

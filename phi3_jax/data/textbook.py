@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import random
 
+from phi3_jax.data.chat_templates import chat_document
+
 TOPICS = ("arithmetic", "logic", "definitions", "python")
 AUDIENCES = ("children", "high school students", "college students", "programmers")
 DEFECTS = ("no_solution", "wrong_answer", "garbled", "spam")
@@ -328,8 +330,7 @@ class TextbookChatSource:
             if turn:
                 question = f"{rng.choice(_FOLLOW_UPS)} {question}"
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-        return {"messages": messages, "text": "\n\n".join(m["content"] for m in messages), "topic": "chat",
-                "audience": audience, "source": "textbook_chat"}
+        return {**chat_document(messages), "topic": "chat", "audience": audience, "source": "textbook_chat"}
 
     def __repr__(self) -> str:
         return f"TextbookChatSource(num_docs={self.num_docs}, seed={self.seed})"
