@@ -71,13 +71,15 @@ class DataStateMismatch(ValueError):
 
 
 class DataFeed:
-    """Concatenated batches of this process's data shards; checkpointable."""
+    """Concatenated batches of this process's data shards; checkpointable. `pairs`: rows of preference pairs
+    (see `phi3_jax.data.make_pipeline`)."""
 
     def __init__(self, data_cfg, tokenizer, seq_len: int, global_batch: int, seed: int, shards: Sequence[int],
-                 num_shards: int, split: str = "train", align: Alignment | None = None):
+                 num_shards: int, split: str = "train", align: Alignment | None = None, pairs: bool = False):
         self.shards, self.num_shards = list(shards), int(num_shards)
         self._iters = [make_pipeline(data_cfg, tokenizer, seq_len, global_batch, seed, process_index=s,
-                                     process_count=num_shards, split=split, align=align) for s in self.shards]
+                                     process_count=num_shards, split=split, align=align, pairs=pairs)
+                       for s in self.shards]
 
     def __iter__(self):
         return self
@@ -110,9 +112,10 @@ class DataFeed:
 
 
 def eval_batches(data_cfg, tokenizer, seq_len: int, global_batch: int, shards: Sequence[int], num_shards: int,
-                 max_batches: int, align: Alignment | None = None) -> list[dict[str, np.ndarray]]:
+                 max_batches: int, align: Alignment | None = None, pairs: bool = False) -> list[dict[str, np.ndarray]]:
     """Up to `max_batches` held-out batches (this process's rows), the same ones at every evaluation."""
-    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval", align=align)
+    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval", align=align,
+                    pairs=pairs)
     out = []
     for _ in range(max_batches):
         try:

@@ -45,6 +45,21 @@ def chat_document(messages: Sequence[Mapping[str, str]], where: str = "") -> dic
             "text": "\n\n".join(m["content"] for m in messages)}
 
 
+def pair_document(chosen: Sequence[Mapping[str, str]], rejected: Sequence[Mapping[str, str]], where: str = "") -> dict:
+    """A preference pair as a document: its "chosen" and "rejected" conversations (checked, each ending with an
+    assistant message; errors start with `where` and name the field) and the chosen contents as "text"."""
+    docs = {}
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        label = f"{where}: field {field!r}" if where else f"field {field!r}"
+        docs[field] = chat_document(messages, label)
+        checked = docs[field]["messages"]
+        if not checked or checked[-1]["role"] != "assistant":
+            ends = f"it ends with a {checked[-1]['role']} message" if checked else "it is empty"
+            raise DataError(f"{label}: the conversation must end with an assistant message; {ends}")
+    return {"chosen": docs["chosen"]["messages"], "rejected": docs["rejected"]["messages"],
+            "text": docs["chosen"]["text"]}
+
+
 def render_chat(template: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool,
                 bos_token: str, eos_token: str) -> str:
     """The prompt string for `messages`; encode it with `allow_special=True`."""

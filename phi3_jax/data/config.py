@@ -8,7 +8,9 @@ Fields (defaults in `default_data_config`):
                    stdlib root override (stdlib; empty = this Python's)
     field          JSON / TFDS feature holding the text ("" for array_record = raw UTF-8 records); in a
                    JSON record (jsonl, array_record) it may hold a conversation instead: a list of
-                   {"role", "content"} messages, trained on its assistant replies only (fine-tuning)
+                   {"role", "content"} messages, trained on its assistant replies only (fine-tuning);
+                   unused for preference pairs (make_pipeline(pairs=True)), which read the records'
+                   "prompt", "chosen" and "rejected" (sources.py)
     weight         mixing weight used by phases that give no weights of their own
     split          TFDS split;   data_dir: TFDS data_dir
     num_docs       textbook, textbook_chat: corpus size (0 = 1,000,000); other kinds: use only the first num_docs (0 = all)

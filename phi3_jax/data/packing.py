@@ -26,6 +26,14 @@ Packing methods (both from grain.experimental):
   "first_fit" FirstFitPackIterDataset: documents are first cut into pieces of at most seq_len + 1,
               then whole pieces are placed into `num_bins` open rows; rows are padded, pieces never split.
 
+Preference pairs (DPO): `TokenizePair` makes one unit of a pair document, its chosen conversation's tokens
+then its rejected one's, and `pack_pairs` places whole units first-fit (FirstFitPackIterDataset, windows of
+seq_len + 1 tokens as above). The k-th pair of a row (k = 1, 2, ...) is segment 2k - 1 (chosen) followed
+right after by segment 2k (rejected): pair index = (segment + 1) // 2, chosen where the segment is odd.
+Positions restart at 0 in each of the two segments, and the loss-mask rule is the one above. A pair is
+never split, so a unit longer than seq_len + 1 tokens cannot be placed: it is dropped, with a logged
+warning (the first time, then every 1000th).
+
 Block-sparse models (phi-3-small) apply their attention pattern by row position, the kernels' tiles, while
 each document should see the pattern of its own positions, as it does alone at inference. The two agree
 for a piece that starts at a multiple of the pattern's period (block size x vertical stride) or that fits
@@ -38,6 +46,7 @@ Alignment; the trainer applies it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import grain
@@ -45,6 +54,8 @@ import grain.experimental as gexp
 import numpy as np
 
 from phi3_jax.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 PACKING_METHODS = ("concat", "first_fit")
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -70,14 +81,20 @@ class Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer, add_bos: bool = False, add_eos: bool = True):
         self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
 
+    def chat(self, messages) -> tuple[list[int], list[int]]:
+        """A conversation's (ids, trained), with bos and eos added where its template leaves them out."""
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        ids, trained = self.tokenizer.encode_chat(messages)
+        if self.add_bos and ids[:1] != [bos]:
+            ids, trained = [bos] + ids, [0] + trained
+        if self.add_eos and ids[-1:] != [eos]:
+            ids, trained = ids + [eos], trained + [0]
+        return ids, trained
+
     def map(self, doc: dict) -> dict:
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
         if "messages" in doc:
-            ids, trained = self.tokenizer.encode_chat(doc["messages"])
-            if self.add_bos and ids[:1] != [bos]:
-                ids, trained = [bos] + ids, [0] + trained
-            if self.add_eos and ids[-1:] != [eos]:
-                ids, trained = ids + [eos], trained + [0]
+            ids, trained = self.chat(doc["messages"])
         else:
             ids = self.tokenizer.encode(doc["text"])
             if self.add_bos:
@@ -86,6 +103,22 @@ class Tokenize(grain.transforms.Map):
                 ids = ids + [eos]
             trained = [1] * len(ids)
         return {"tokens": np.asarray(ids, dtype=np.int32), "trained": np.asarray(trained, dtype=np.int32)}
+
+
+class TokenizePair(Tokenize):
+    """pair doc -> one unit, int32 [n] each: "tokens" and "trained" (the chosen conversation's, then the
+    rejected one's, each as `Tokenize` has a conversation), "rejected" (1 on the rejected conversation's
+    tokens) and "pair_positions" (position within its own conversation)."""
+
+    def map(self, doc: dict) -> dict:
+        (chosen, chosen_trained), (rejected, rejected_trained) = self.chat(doc["chosen"]), self.chat(doc["rejected"])
+        return {"tokens": np.asarray(chosen + rejected, np.int32),
+                "trained": np.asarray(chosen_trained + rejected_trained, np.int32),
+                "rejected": np.repeat(np.int32([0, 1]), [len(chosen), len(rejected)]),
+                "pair_positions": np.concatenate([np.arange(len(chosen)), np.arange(len(rejected))]).astype(np.int32)}
+
+
+PAIR_FEATURES = ("tokens", "trained", "rejected", "pair_positions")
 
 
 def _all_trained(doc: dict) -> dict:
@@ -238,6 +271,45 @@ def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str
     else:
         raise DataError(f"unknown packing method {method!r}; known: {PACKING_METHODS}")
     return packed.map(_ToRow(pad_id, extra))
+
+
+class _FitsWindow(grain.transforms.Filter):
+    """Keeps the pair units that fit a window; logs the ones it drops."""
+
+    def __init__(self, window: int):
+        self.window, self.dropped = window, 0
+
+    def filter(self, unit: dict) -> bool:
+        n = len(unit["tokens"])
+        if n <= self.window:
+            return True
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning("dropped a preference pair of %d tokens: a pair is packed whole and rows hold seq_len + 1 "
+                        "= %d (%d dropped so far in this stream)", n, self.window, self.dropped)
+        return False
+
+
+class _ToPairRow(_ToRow):
+    """A window of pair units -> a row: unit k's chosen tokens become segment 2k - 1, its rejected ones 2k."""
+
+    def map(self, window: dict) -> dict:
+        unit = np.asarray(window["tokens_segment_ids"], np.int32)
+        segments = np.where(unit > 0, 2 * unit - 1 + np.asarray(window["rejected"]), 0).astype(np.int32)
+        return super().map({**window, "tokens_segment_ids": segments, "tokens_positions": window["pair_positions"]})
+
+
+def pack_pairs(units_ds: grain.IterDataset, seq_len: int, pad_id: int, *, num_bins: int = 16, seed: int = 0,
+               extra: dict[str, Any] | None = None) -> grain.IterDataset:
+    """`TokenizePair` units -> rows (ROW_KEYS, plus constant int32 `extra` fields): every pair whole in one row,
+    packed first-fit; a unit longer than seq_len + 1 tokens is dropped (see the module docstring)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    window = seq_len + 1
+    packed = gexp.FirstFitPackIterDataset(units_ds.filter(_FitsWindow(window)),
+                                          length_struct={k: window for k in PAIR_FEATURES},
+                                          num_packing_bins=num_bins, seed=seed, shuffle_bins=True)
+    return packed.map(_ToPairRow(pad_id, extra))
 
 
 def attention_mask(segment_ids: np.ndarray, causal: bool = True) -> np.ndarray:

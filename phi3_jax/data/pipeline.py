@@ -23,6 +23,12 @@ tail after filtering), unshuffled and finite: each source packed on its own ("co
 data.packing says), sources in config order, the last batch padded with empty rows (segment_ids 0,
 loss_mask 0). Every process builds the same global batches and takes its slice, so all
 processes see the same number of eval steps.
+
+Preference pairs (`pairs=True`, for DPO): every source is opened with pairs=True (sources.py: only the
+kinds that hold pairs), each pair tokenized as one unit (packing.TokenizePair) and packed whole with
+packing.pack_pairs, first-fit, in both splits: data.packing is not used, and `align` is refused for rows
+where it would matter. A row's k-th pair is segments 2k - 1 (chosen) and 2k (rejected); see packing.py.
+Phases, mixtures, shuffling, the process split and eval padding are as above.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 from phi3_jax.data.config import DataSpec, SourceSpec, validate_data_config
 from phi3_jax.data.errors import DataError
 from phi3_jax.data.mixture import ChainIterDataset, PhasedIterDataset, derive_seed, mix_rows, steps_for_tokens
-from phi3_jax.data.packing import ROW_KEYS, Alignment, Tokenize, pack
+from phi3_jax.data.packing import ROW_KEYS, Alignment, Tokenize, TokenizePair, pack, pack_pairs
 from phi3_jax.data.quality import make_scorer
 from phi3_jax.data.sources import make_source
 from phi3_jax.data.tokenizers import Tokenizer, make_tokenizer
@@ -72,9 +78,9 @@ class _KeepIfQuality:
 
 
 class _Corpus:
-    """Opened sources of one config, and each one's train / eval index ranges."""
+    """Opened sources of one config (of preference pairs with `pairs`), and each one's train / eval index ranges."""
 
-    def __init__(self, spec: DataSpec):
+    def __init__(self, spec: DataSpec, pairs: bool = False):
         self.spec = spec
         self.raw: dict[str, object] = {}
         for s in spec.sources:
@@ -82,7 +88,8 @@ class _Corpus:
                 self.raw[s.name] = make_source(
                     s.kind, name=s.name, path=s.path, field=s.field, split=s.split, data_dir=s.data_dir,
                     num_docs=s.num_docs, textbook_seed=spec.textbook["seed"],
-                    low_quality_fraction=spec.textbook["low_quality_fraction"], include_tests=s.include_tests)
+                    low_quality_fraction=spec.textbook["low_quality_fraction"], include_tests=s.include_tests,
+                    pairs=pairs)
                 if len(self.raw[s.name]):
                     self.raw[s.name][0]  # a record without the configured field fails now, not in a later phase
 
@@ -121,15 +128,15 @@ class _Corpus:
         return ds
 
 
-def source_documents(data_cfg, name: str, split: str = "train") -> grain.MapDataset:
-    """One configured source's documents for a split, in index order, before shuffling (a filtered
-    source holds None where a document was dropped). For inspection and tests."""
+def source_documents(data_cfg, name: str, split: str = "train", *, pairs: bool = False) -> grain.MapDataset:
+    """One configured source's documents (preference pairs with `pairs`) for a split, in index order, before
+    shuffling (a filtered source holds None where a document was dropped). For inspection and tests."""
     spec = validate_data_config(data_cfg)
     if name not in [s.name for s in spec.sources]:
         raise DataError(f"{name!r} is not a source name ({[s.name for s in spec.sources]})")
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
-    return _Corpus(spec).documents(spec.source(name), split)
+    return _Corpus(spec, pairs).documents(spec.source(name), split)
 
 
 def _read_options(spec: DataSpec) -> grain.ReadOptions:
@@ -150,6 +157,15 @@ def _check_args(seq_len, global_batch_size, seed, process_index, process_count, 
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
 
 
+def _check_pairs_fit(name: str, docs: grain.MapDataset, tok: TokenizePair, window: int) -> None:
+    """Training repeats its pairs without end: with none short enough to pack it would search for ever."""
+    probe = [d for d in (docs[i] for i in range(min(len(docs), 64))) if d is not None]
+    shortest = min((len(tok.map(d)["tokens"]) for d in probe), default=0)
+    if shortest > window:
+        raise DataError(f"source {name!r}: none of the first {len(probe)} preference pairs fits a row of seq_len + 1 = "
+                        f"{window} tokens (the shortest has {shortest}); a pair is packed whole: raise seq_len")
+
+
 def phase_schedule(data_cfg, seq_len: int, global_batch_size: int) -> list[tuple[str, int, int | None]]:
     """[(phase name, first step, number of steps or None = unbounded)] — the steps each phase lasts."""
     spec = validate_data_config(data_cfg)
@@ -164,23 +180,30 @@ def phase_schedule(data_cfg, seq_len: int, global_batch_size: int) -> list[tuple
 def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
                           process_index: int = 0, process_count: int = 1, split: str = "train", *,
                           with_source_ids: bool = False, eval_sources: Sequence[str] | None = None,
-                          align: Alignment | None = None) -> grain.IterDataset:
+                          align: Alignment | None = None, pairs: bool = False) -> grain.IterDataset:
     """The pipeline as a grain IterDataset (wrap it in grain prefetching if wanted); see make_pipeline."""
     spec = validate_data_config(data_cfg)
     _check_args(seq_len, global_batch_size, seed, process_index, process_count, split)
+    if pairs and align is not None and seq_len > align.max_unaligned:
+        raise DataError(f"preference pairs are packed first-fit, at any row offset, which this model's block-sparse "
+                        f"attention allows only in rows of at most {align.max_unaligned} tokens: preference pairs "
+                        f"on this model need seq_len <= {align.max_unaligned}")
     if spec.worker_processes:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
             flags.FLAGS.mark_as_parsed()
-    corpus = _Corpus(spec)
+    corpus = _Corpus(spec, pairs)
     index = {s.name: i for i, s in enumerate(spec.sources)}
-    tok = Tokenize(tokenizer, add_bos=spec.add_bos)
+    tok = (TokenizePair if pairs else Tokenize)(tokenizer, add_bos=spec.add_bos)
     local_batch = global_batch_size // process_count
 
     def rows(s: SourceSpec, docs: grain.MapDataset, pack_seed: int, method: str):
         extra = {"source_id": index[s.name]} if with_source_ids else None
         tokens = docs.map(tok).to_iter_dataset(_read_options(spec))
+        if pairs:
+            return pack_pairs(tokens, seq_len, tokenizer.pad_id, num_bins=spec.first_fit_bins, seed=pack_seed,
+                              extra=extra)
         return pack(tokens, seq_len, tokenizer.pad_id, method=method, num_bins=spec.first_fit_bins,
                     seed=pack_seed, extra=extra, align=align)
 
@@ -203,6 +226,8 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
             docs = corpus.documents(s, "train", process_index, process_count)
             if len(docs) == 0:
                 raise DataError(f"source {name!r} has fewer training documents than processes ({process_count})")
+            if pairs:
+                _check_pairs_fit(name, docs, tok, seq_len + 1)
             if spec.shuffle:
                 docs = docs.shuffle(derive_seed(seed, pi, index[name]))
             streams.append(rows(s, docs.repeat(), derive_seed(seed, pi, index[name], 1), spec.packing))
@@ -236,16 +261,17 @@ class _PadAndSlice(grain.transforms.Map):
 def make_pipeline(data_cfg, tokenizer: Tokenizer, seq_len: int, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, split: str = "train", *,
                   with_source_ids: bool = False, eval_sources: Sequence[str] | None = None,
-                  align: Alignment | None = None) -> Iterator[dict]:
+                  align: Alignment | None = None, pairs: bool = False) -> Iterator[dict]:
     """An iterator of this process's batches (numpy dicts; keys in the module docstring).
 
     Train iterators are grain DatasetIterators with get_state()/set_state() (checkpoint them with
     `grain.checkpoint.CheckpointSave`), plus `.step`, `.phase_index`, `.phase_name` for logging.
     `align`: where long documents may start in a row (block-sparse models; see packing.py).
+    `pairs`: rows of preference pairs for DPO (see the module docstring).
     """
     return iter(make_pipeline_dataset(data_cfg, tokenizer, seq_len, global_batch_size, seed, process_index,
                                       process_count, split, with_source_ids=with_source_ids,
-                                      eval_sources=eval_sources, align=align))
+                                      eval_sources=eval_sources, align=align, pairs=pairs))
 
 
 BATCH_KEYS = ROW_KEYS

@@ -10,14 +10,14 @@ spam lines). They carry `quality=0` and the kind of defect, which gives the qual
 examples and gives a quality-filtered phase something real to remove.
 
 `TextbookChatSource` turns the same exercises into tutoring conversations (chat messages) for supervised
-fine-tuning.
+fine-tuning, or into preference pairs (the same conversation with a correct and a wrong last answer).
 """
 
 from __future__ import annotations
 
 import random
 
-from phi3_jax.data.chat_templates import chat_document
+from phi3_jax.data.chat_templates import chat_document, pair_document
 
 TOPICS = ("arithmetic", "logic", "definitions", "python")
 AUDIENCES = ("children", "high school students", "college students", "programmers")
@@ -117,8 +117,8 @@ def _arithmetic(rng, audience, defect):
     return parts
 
 
-def _logic_exercise(rng: random.Random) -> tuple[str, str, str]:
-    """One exercise: (question, worked reasoning, answer)."""
+def _logic_exercise(rng: random.Random) -> tuple[str, str, str, str]:
+    """One exercise: (question, worked reasoning, answer, the other answer: a wrong one)."""
     kind = rng.randrange(3)
     if kind == 0:
         who = rng.sample(_NAMES, 3)
@@ -126,28 +126,28 @@ def _logic_exercise(rng: random.Random) -> tuple[str, str, str]:
         question = f"{who[0]} is {rel} than {who[1]}. {who[1]} is {rel} than {who[2]}. Who is the {most}?"
         work = (f"The relation '{rel} than' is transitive, so {who[0]} is {rel} than {who[2]} as well. "
                 f"{who[0]} is {rel} than both others, and {who[2]} is the {least}.")
-        return question, work, who[0]
+        return question, work, who[0], who[2]  # wrong: the relation read backwards
     if kind == 1:
         p, q = rng.choice(_CONDITIONALS)
         if rng.random() < 0.5:
             question = f"If {p}, then {q}. We know that {p}. What follows?"
             work = "This is modus ponens: the condition holds, so the consequence holds."
-            return question, work, q[0].upper() + q[1:] + "."
+            return question, work, q[0].upper() + q[1:] + ".", f"It is not true that {q}."
         question = f"If {p}, then {q}. We know that it is not true that {q}. What follows?"
         work = "This is modus tollens: if the condition held, the consequence would hold; it does not."
-        return question, work, f"It is not true that {p}."
+        return question, work, f"It is not true that {p}.", p[0].upper() + p[1:] + "."
     vals = {v: rng.random() < 0.5 for v in "ABC"}
     inner = vals["A"] and not vals["B"]
     result = inner or vals["C"]
     question = f"Let A = {vals['A']}, B = {vals['B']}, C = {vals['C']}. Evaluate (A and not B) or C."
     work = f"not B = {not vals['B']}; A and not B = {inner}; {inner} or {vals['C']} = {result}."
-    return question, work, str(result)
+    return question, work, str(result), str(not result)
 
 
 def _logic(rng, audience, defect):
     parts = [f"Title: Reasoning exercises for {audience}", "", _INTRO[audience], ""]
     for k in range(1, rng.randint(2, 4) + 1):
-        question, work, answer = _logic_exercise(rng)
+        question, work, answer, _ = _logic_exercise(rng)
         if defect == "wrong_answer":
             answer = rng.choice(("Nothing follows.", "Both.", "It depends."))
         parts.append(f"Exercise {k}: {question}")
@@ -296,6 +296,20 @@ _TUTOR = {
 _FOLLOW_UPS = ("Thanks! Here is another one.", "Great. Next question:", "Can you do one more?", "And this one?")
 
 
+def _arith_reply(work: str, lhs: str, answer: int, suffix: str) -> str:
+    return f"{work} So {lhs} = {answer}{suffix}.\nAnswer: {answer}{suffix}"
+
+
+def _wrong_number(rng: random.Random, answer: int) -> int:
+    """`answer` off by 1-9, never below 0 (a negative result would give itself away)."""
+    delta = rng.randint(1, 9)
+    return answer - delta if delta <= answer and rng.random() < 0.5 else answer + delta
+
+
+def _logic_reply(work: str, answer: str) -> str:
+    return f"{work}\nAnswer: {answer}"
+
+
 class TextbookChatSource:
     """Random-access synthetic tutoring conversations, for supervised fine-tuning (grain
     RandomAccessDataSource protocol).
@@ -303,34 +317,51 @@ class TextbookChatSource:
     Each conversation is an optional system message for one audience, then 1-3 exchanges: the user asks an
     arithmetic or reasoning exercise from the textbook lessons, the assistant answers with the worked
     steps and "Answer: ...". Conversation `i` depends only on (seed, i); the replies are always correct.
+
+    With `pairs`, item i is a preference pair (`chat_templates.pair_document`): chosen is conversation i,
+    rejected the same conversation whose last reply keeps the worked steps but ends on a wrong answer (an
+    arithmetic result off by 1-9 in both "So ... = X" and "Answer: X"; the other answer of a reasoning
+    exercise).
     """
 
-    def __init__(self, num_docs: int = 1_000_000, seed: int = 0):
+    def __init__(self, num_docs: int = 1_000_000, seed: int = 0, pairs: bool = False):
         if num_docs <= 0:
             raise ValueError(f"num_docs must be positive, got {num_docs}")
-        self.num_docs, self.seed = int(num_docs), int(seed)
+        self.num_docs, self.seed, self.pairs = int(num_docs), int(seed), bool(pairs)
 
     def __len__(self) -> int:
         return self.num_docs
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.num_docs:
-            raise IndexError(f"textbook_chat index {index} out of range [0, {self.num_docs})")
+    def _conversation(self, index: int) -> tuple[str, list[dict], str]:
+        """(audience, messages, the last reply with a wrong final answer)."""
         rng = random.Random(f"textbook_chat/{self.seed}/{index}")
+        # Wrong answers draw from their own stream, so the conversations stay those of the non-pair source.
+        wrong_rng = random.Random(f"textbook_chat/{self.seed}/{index}/rejected")
         audience = rng.choice(AUDIENCES)
         messages = [{"role": "system", "content": _TUTOR[audience]}] if rng.random() < 0.5 else []
         for turn in range(rng.randint(1, 3)):
             if rng.random() < 0.6:
                 question, work, lhs, answer, suffix = _arith_exercise(rng, audience)
-                reply = f"{work} So {lhs} = {answer}{suffix}.\nAnswer: {answer}{suffix}"
+                reply = _arith_reply(work, lhs, answer, suffix)
+                wrong = _arith_reply(work, lhs, _wrong_number(wrong_rng, answer), suffix)
             else:
-                question, work, answer = _logic_exercise(rng)
-                reply = f"{work}\nAnswer: {answer}"
+                question, work, answer, other = _logic_exercise(rng)
+                reply, wrong = _logic_reply(work, answer), _logic_reply(work, other)
             if turn:
                 question = f"{rng.choice(_FOLLOW_UPS)} {question}"
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
-        return {**chat_document(messages), "topic": "chat", "audience": audience, "source": "textbook_chat"}
+        return audience, messages, wrong
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.num_docs:
+            raise IndexError(f"textbook_chat index {index} out of range [0, {self.num_docs})")
+        audience, messages, wrong = self._conversation(index)
+        if self.pairs:
+            doc = pair_document(messages, messages[:-1] + [{"role": "assistant", "content": wrong}])
+        else:
+            doc = chat_document(messages)
+        return {**doc, "topic": "chat", "audience": audience, "source": "textbook_chat"}
 
     def __repr__(self) -> str:
-        return f"TextbookChatSource(num_docs={self.num_docs}, seed={self.seed})"
+        return f"TextbookChatSource(num_docs={self.num_docs}, seed={self.seed}{', pairs=True' if self.pairs else ''})"
