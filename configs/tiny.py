@@ -11,7 +11,10 @@ ARG: comma-separated, any of
   "sft"  supervised fine-tuning on synthetic tutoring conversations, the loss on the assistant's replies
          only; start it from the default run's weights:
          python -m phi3_jax.train --config configs/tiny.py:sft --workdir /tmp/tiny_sft --init_from /tmp/tiny
-  "test" a few steps of a smaller model, no eval or sample: for smoke tests ("sft,test" for both).
+  "dpo"  direct preference optimisation on synthetic preference pairs (the same tutoring conversations,
+         chosen with the right final answer, rejected with a wrong one); start it from the SFT run:
+         python -m phi3_jax.train --config configs/tiny.py:dpo --workdir /tmp/tiny_dpo --init_from /tmp/tiny_sft
+  "test" a few steps of a smaller model, no eval or sample: for smoke tests ("sft,test", "dpo,test").
 """
 from phi3_jax.train_config import default_config, model_section, textbook_cpu_run
 
@@ -25,13 +28,23 @@ def get_config(arg: str = ""):
     textbook_cpu_run(c, steps=300, batch_size=8)
     c.sample.max_new_tokens = 160
     args = set(arg.split(",")) - {""}
-    if args - {"sft", "test"}:
-        raise ValueError(f"configs/tiny.py: unknown ARG {arg!r} (comma-separated: 'sft', 'test')")
+    if args - {"sft", "dpo", "test"}:
+        raise ValueError(f"configs/tiny.py: unknown ARG {arg!r} (comma-separated: 'sft', 'dpo', 'test')")
     if "sft" in args:
         d = c.data
         d.sources = [dict(d.sources[0], name="chat", kind="textbook_chat")]
         t = c.train
         t.steps, t.lr, t.warmup_steps, t.eval_every, t.checkpoint_every = 150, 1e-3, 10, 50, 50
+        c.sample.prompt, c.sample.chat, c.sample.max_new_tokens = "What is 12 + 7?", True, 120
+    if "dpo" in args:
+        d = c.data
+        d.sources = [dict(d.sources[0], name="chat_pairs", kind="textbook_chat")]
+        d.eval_max_docs = 256  # of which the third that fits a row is scored
+        t = c.train
+        t.objective, t.dpo_beta = "dpo", 0.1
+        # A pair is packed whole: 512-token rows hold the shorter third of these pairs (the rest are dropped).
+        t.steps, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 100, 8, 512, 1e-4, 10
+        t.eval_every, t.eval_steps, t.checkpoint_every = 25, 4, 50
         c.sample.prompt, c.sample.chat, c.sample.max_new_tokens = "What is 12 + 7?", True, 120
     if "test" in args:
         c.model.hidden_size = 64
@@ -41,7 +54,9 @@ def get_config(arg: str = ""):
         c.model.head_dim = 16
         c.model.intermediate_size = 128
         t = c.train
-        t.steps, t.batch_size, t.seq_len = 6, 8, 64
+        t.steps = 6
+        if "dpo" not in args:  # pairs keep their 512-token rows: shorter ones would hold almost none
+            t.batch_size, t.seq_len = 8, 64
         t.warmup_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 0, 0
         t.tensorboard = t.progress = False
         c.sample.max_new_tokens = 0

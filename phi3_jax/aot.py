@@ -269,7 +269,8 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     params = abstract_params(model_cfg, r.precision["param_dtype"])
     tx, _ = optim.make_optimizer_from_config(params, t)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel)
+                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel,
+                   objective=t.objective, dpo_beta=t.dpo_beta)
 
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
              for k in ts.BATCH_KEYS}
@@ -277,7 +278,7 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     rep = Report(topology=topo, device_kind=kind, mesh_shape=dict(mesh.shape), model=name,
                  params=model_cfg.param_count(), batch_size=t.batch_size, seq_len=t.seq_len, grad_accum=t.grad_accum,
                  state_bytes=_per_chip_bytes(fns.abstract_state), batch_bytes=_per_chip_bytes(batch),
-                 model_flops=model_cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len / len(devices),
+                 model_flops=model_cfg.flops_per_token(t.seq_len) * (4 / 3 if t.objective == "dpo" else 1) * t.batch_size * t.seq_len / len(devices),
                  scanned=bool(model_cfg.scan_layers) and model_cfg.num_layers > model_cfg.layer_period)
     size = f"{rep.params / 1e9:.2f}B" if rep.params >= 1e9 else f"{rep.params / 1e6:.2f}M"
     log(f"model {rep.model}: {size} parameters; batch {t.batch_size} x {t.seq_len} tokens"

@@ -399,6 +399,7 @@ class TrainCheckpointer:
             raise CheckpointError(f"{step_dir}: checkpoint of a {saved.family} model, the config builds a "
                                   f"{model_cfg.family} model; use a new --workdir or the config it was trained with")
         _check_data_processes(step_dir / DATA_ITEM)
+        _check_objective(step_dir, train_config)
         rest = {k: v for k, v in abstract_state.items() if k not in ("params", COMPUTE_COPY)}
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**{
@@ -466,6 +467,15 @@ def _changed_train_fields(step_dir: Path, train_config: dict | None) -> str:
     """The `train` fields that differ from the step's saved config, as a parenthesis for a message."""
     changed = [c.split(":")[0] for c in config_changes(step_dir, train_config) if c.startswith("train.")]
     return f" ({', '.join(changed)} changed since it was saved)" if changed else ""
+
+
+def _check_objective(step_dir: Path, train_config: dict | None) -> None:
+    """A DPO state holds the reference weights and reads pair rows: the other objective cannot resume it."""
+    for change in config_changes(step_dir, train_config):
+        if change.startswith("train.objective:") and change != 'train.objective: (absent) -> "lm"':
+            raise CheckpointError(f"{step_dir}: {change}: the checkpoint was saved by a run of another training "
+                                  "objective; resume with the one it was saved with, or keep only the weights: a "
+                                  f"new --workdir with --init_from {step_dir}")
 
 
 def _check_data_processes(data_dir: Path) -> None:

@@ -45,6 +45,7 @@ class Result:
     unigram_entropy: float | None
     sample: str | None
     workdir: str
+    eval_accuracy: float | None = None  # DPO: the share of held-out pairs the model ranks right
 
 
 class _Signals:
@@ -118,8 +119,9 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     num_shards = t.data_shards or jax.process_count()
     shards = train_data.shard_ids(mesh, t.batch_size, t.seq_len, num_shards)
     align = train_data.packing_alignment(model_cfg, t.seq_len)
+    pairs = t.objective == "dpo"
     feed = train_data.DataFeed(r.raw["data"], tokenizer, t.seq_len, t.batch_size, t.seed, shards, num_shards,
-                               align=align)
+                               align=align, pairs=pairs)
     initial_data_state = feed.get_state()
     next(feed)  # reads from every source now: a missing or bad file fails here, not mid-run
     feed.set_state(initial_data_state)
@@ -146,7 +148,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     tx, schedule = optim.make_optimizer_from_config(abstract_params, t, lr_multipliers=lr_multipliers,
                                                     wd_multipliers=wd_multipliers)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
-                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel)
+                   loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel,
+                   objective=t.objective, dpo_beta=t.dpo_beta)
     lr_at = jax.jit(schedule)
 
     # ---- state: resume, init_from, or fresh ----
@@ -184,7 +187,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     writer = MetricsWriter(workdir_p, start_step=start, total_steps=t.steps, tensorboard=t.tensorboard,
                            progress=t.progress)
     n_params = model_cfg.param_count()
-    flops_tok = model_cfg.flops_per_token(t.seq_len)
+    # Forward + backward is 3 forward passes; DPO's reference model adds a fourth.
+    flops_tok = model_cfg.flops_per_token(t.seq_len) * (4 / 3 if pairs else 1)
     peak = peak_flops()
     name = tcfg.model_name(r.raw["model"]["preset"], model_cfg)
     sp = " (sequence parallel)" if r.sequence_parallel else ""
@@ -192,7 +196,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    f"{dict(mesh.shape)}{sp}; {jax.process_count()} process(es), {jax.device_count()} device(s) "
                    f"({jax.devices()[0].device_kind})")
     h = None
-    if start == 0 and any(b["loss_mask"].any() for b in first):  # a process's own rows may have none
+    # The unigram entropy is the bar for the next-token loss; DPO's loss is not one.
+    if start == 0 and not pairs and any(b["loss_mask"].any() for b in first):  # a process's rows may have none
         h = unigram_entropy(first)
         padding = float(np.mean([np.mean(b["segment_ids"] == 0) for b in first]))
         writer.write(0, {"unigram_entropy": h, "padding_fraction": padding})
@@ -205,7 +210,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     evals = []
     if t.eval_every > 0:
         held_out = train_data.eval_batches(r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards,
-                                           t.eval_steps, align)
+                                           t.eval_steps, align, pairs=pairs)
         if not held_out:
             writer.message(f"no evaluation: the data has no held-out rows (data.eval_fraction="
                            f"{r.raw['data']['eval_fraction']}) for train.eval_every={t.eval_every}")
@@ -215,18 +220,20 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         else:
             evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in held_out]
 
-    def evaluate() -> float | None:
-        if not evals:
-            return None
-        sums = [fns.eval_step(state["params"], b) for b in evals]
-        s = sum(float(a) for a, _ in sums)
-        n = sum(float(b) for _, b in sums)
-        return s / max(n, 1.0)
+    def evaluate() -> dict[str, float]:
+        """{"eval_loss"} (+ "eval_accuracy" for DPO: the share of held-out pairs ranked right) over `evals`."""
+        sums = jax.device_get([fns.eval_step(state, b) for b in evals])
+        total = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+        n = max(total["count"], 1.0)
+        out = {"eval_loss": total["loss"] / n}
+        if "correct" in total:
+            out["eval_accuracy"] = total["correct"] / n
+        return out
 
     losses: dict[int, float] = {}
-    window = {"loss": 0.0, "n": 0, "gn": 0.0, "t0": None, "tokens": 0}
+    window = {"loss": 0.0, "n": 0, "gn": 0.0, "acc": 0.0, "t0": None, "tokens": 0}
     tokens_per_step = t.batch_size * t.seq_len
-    status, last_saved, eval_loss = "done", start, None
+    status, last_saved, evaluated = "done", start, {}
     data_state = feed.get_state()
 
     def handle(step: int, m: dict, force_log: bool = False) -> None:
@@ -236,6 +243,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         if finite:
             window["loss"] += loss
             window["gn"] += float(m["grad_norm"])
+            window["acc"] += float(m.get("accuracy", 0.0))
             window["n"] += 1
         window["tokens"] += tokens_per_step
         if int(m["nonfinite_run"]) >= t.max_nonfinite_in_a_row:
@@ -254,10 +262,12 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    "grad_norm": window["gn"] / window["n"] if window["n"] else float(m["grad_norm"]),
                    "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
                    "skipped": int(m["skipped"])}
+            if "accuracy" in m:  # DPO: pairs whose chosen reply the policy already prefers, before the update
+                row["accuracy"] = window["acc"] / window["n"] if window["n"] else float(m["accuracy"])
             writer.write(step, row)
             logged["loss"], logged["n"] = row["loss"], window["n"]
             writer.progress(step, loss=row["loss"], **({"tok/s": f"{tps:,.0f}"} if tps else {}))
-            window.update(loss=0.0, n=0, gn=0.0, t0=now, tokens=0)
+            window.update(loss=0.0, n=0, gn=0.0, acc=0.0, t0=now, tokens=0)
         if first:
             # The next step is already in flight (dispatched before this one was read) and may have finished
             # during this call: its tokens do not count against the time from here.
@@ -283,9 +293,12 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                 if evals and s % t.eval_every == 0 and s != t.steps:
                     handle(*pending)
                     pending = None
-                    eval_loss = evaluate()
-                    writer.write(s, {"eval_loss": eval_loss})
-                    writer.message(f"step {s}: eval_loss {eval_loss:.4f}")
+                    t_eval = time.perf_counter()
+                    evaluated = evaluate()
+                    if window["t0"] is not None:  # tokens/s counts training time only
+                        window["t0"] += time.perf_counter() - t_eval
+                    writer.write(s, evaluated)
+                    writer.message(f"step {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
                 stop = sig.stop_requested()
                 if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
                     ckpt.save(s, state, data_state, model_cfg, r.raw)
@@ -311,8 +324,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                     writer.message(f"received {sig.received} after the last step: checkpoint saved to "
                                    f"{ckpt.directory / str(final_step)}")
                 elif evals and start < t.steps:  # a finished run restarted has its final eval already
-                    eval_loss = evaluate()
-                    writer.write(final_step, {"eval_loss": eval_loss})
+                    evaluated = evaluate()
+                    writer.write(final_step, evaluated)
     except BaseException:
         writer.close()
         ckpt.close()
@@ -333,16 +346,17 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     if "loss" in logged:
         n = logged["n"]  # finite steps since the previous log: fewer than log_every after a resume or at the end
         summary += f", loss {logged['loss']:.4f} " + (f"(mean of the last {n} steps)" if n > 1 else "(the last step)")
-    if eval_loss is not None:
-        summary += f", eval_loss {eval_loss:.4f}"
+    for k, v in evaluated.items():
+        summary += f", {k} {v:.4f}"
     if h is not None:
         summary += f" (unigram entropy {h:.4f})"
     _log(f"{status}: {summary}; checkpoints in {ckpt.directory}")
     if sample is not None:
         _log(f"sample (user message {r.sample.prompt!r}, chat template {tokenizer.chat_template!r}):\n{sample}"
              if r.sample.chat else f"sample (prompt {r.sample.prompt!r}):\n{r.sample.prompt}{sample}")
-    return Result(status=status, step=final_step, losses=losses, eval_loss=eval_loss, unigram_entropy=h,
-                  sample=sample, workdir=str(workdir_p))
+    return Result(status=status, step=final_step, losses=losses, eval_loss=evaluated.get("eval_loss"),
+                  unigram_entropy=h, sample=sample, workdir=str(workdir_p),
+                  eval_accuracy=evaluated.get("eval_accuracy"))
 
 
 # ----------------------------------------------------------------------------------------------------

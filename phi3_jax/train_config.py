@@ -18,7 +18,10 @@ Sections:
              checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process
-             counts), async_checkpoint, tensorboard, progress.
+             counts), async_checkpoint, tensorboard, progress,
+             objective: "lm" (next-token loss on the trained tokens: pretraining and SFT) or "dpo" (direct
+             preference optimisation on preference pairs, against the weights the run starts from; the data
+             sources then give pairs, see phi3_jax.data), dpo_beta (DPO's beta > 0).
   mesh       data, fsdp, tensor, expert: sizes of the device mesh axes (-1: the remaining devices);
              sequence_parallel (bool): with tensor > 1, the residual stream between the tensor-parallel
              matmuls split over `tensor` by sequence (Megatron sequence parallelism; sharding.SEQUENCE_PARALLEL).
@@ -54,6 +57,7 @@ def train_defaults() -> dict[str, Any]:
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
         log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
         max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
+        objective="lm", dpo_beta=0.1,
     )
 
 
@@ -227,6 +231,10 @@ def validate(config) -> Resolved:
               "keep_last", "max_nonfinite_in_a_row", "eps")
     _positive("train", train, "lr", "warmup_steps", "weight_decay", "eval_every", "checkpoint_every",
               "keep_every", "data_shards", allow_zero=True)
+    if train["objective"] not in ("lm", "dpo"):
+        raise ConfigError(f"config.train.objective={train['objective']!r}: must be 'lm' or 'dpo'")
+    if not train["dpo_beta"] > 0:
+        raise ConfigError(f"config.train.dpo_beta={train['dpo_beta']}: must be > 0")
     if train["schedule"] not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config.train.schedule={train['schedule']!r}: must be cosine, linear or constant")
     if not 0.0 <= train["min_lr_ratio"] <= 1.0:

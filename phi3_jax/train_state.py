@@ -9,6 +9,8 @@ The state is a plain dict pytree (what Orbax saves and what shardings are comput
          float32) every weight but the embedding table, already cast: the optimizer update writes it in the
          same pass that writes the master weights, so a step never reads the float32 weights just to cast
          them (see COMPUTE_COPY),
+     "ref_params": (objective "dpo") the frozen reference model: the weights the run started from, as
+         `compute_params` casts them,
      "step": int32 steps taken (applied or skipped),
      "nonfinite_run": int32 consecutive steps skipped for a non-finite loss or gradient,
      "skipped": int32 steps skipped in all}
@@ -24,6 +26,11 @@ With dropout in the model config, the train step draws masks from (train.seed, s
 Loss: masked next-token cross-entropy on packed batches (the head and the loss as one op, `loss_chunks`
 slices of the sequence at a time), averaged over the loss-mask tokens of the whole global batch (every
 microbatch included), so grad_accum and the mesh shape do not change the loss.
+
+Objective "dpo" (direct preference optimisation): rows hold preference pairs (phi3_jax.data's pair rows:
+segment 2k-1 the chosen conversation of pair k, segment 2k the rejected one). With r = log p_policy -
+log p_ref summed over each conversation's trained tokens, the loss is -log sigmoid(beta (r_chosen -
+r_rejected)) averaged over the pairs of the global batch; `correct` counts pairs whose margin is positive.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.decoder import Decoder
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+OBJECTIVES = ("lm", "dpo")
 
 
 def split_model(model: Decoder):
@@ -88,14 +96,16 @@ def keeps_compute_copy(mesh) -> bool:
     return mesh.devices.flat[0].platform == "gpu" if COMPUTE_COPY is None else COMPUTE_COPY
 
 
-def fresh_state(params: dict, tx: optax.GradientTransformation, copy_dtype=None) -> dict:
+def fresh_state(params: dict, tx: optax.GradientTransformation, copy_dtype=None, ref_dtype=None) -> dict:
     """Step 0 around `params`: zero moments, no skipped steps; with `copy_dtype` (the compute dtype), the
-    compute copy where it differs from the master weights."""
+    compute copy where it differs from the master weights; with `ref_dtype` (DPO), the reference weights."""
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
              "nonfinite_run": jnp.int32(0), "skipped": jnp.int32(0)}
     copy = compute_copy(params, copy_dtype) if copy_dtype is not None else None
     if copy is not None:
         state["compute_params"] = copy
+    if ref_dtype is not None:
+        state["ref_params"] = compute_params(params, ref_dtype)
     return state
 
 
@@ -113,6 +123,43 @@ def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = N
     return model.loss_sums(inputs_BT, batch["targets"], mask_BT, positions_BT=batch.get("positions"),
                            segment_ids_BT=batch.get("segment_ids"), impl=impl, chunks=loss_chunks,
                            dropout_keys_B=dropout_keys_B)
+
+
+def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, beta: float, impl: str | None = None,
+             dropout_keys_B=None) -> dict:
+    """{"loss": sum over pairs of -log sigmoid(beta * margin), "count": pairs, "correct": pairs with a
+    positive margin} for a batch of pair rows (see the module docstring); `ref_params` as `compute_params`
+    gives them. A pair counts when both conversations have trained tokens."""
+    inputs_BT, targets_BT, seg_BT = batch["inputs"], batch["targets"], batch["segment_ids"]
+    kw = dict(positions_BT=batch.get("positions"), segment_ids_BT=seg_BT, impl=impl)
+    nll_BT = nnx.merge(graphdef, compute_params(params, compute_dtype)).token_nll(
+        inputs_BT, targets_BT, dropout_keys_B=dropout_keys_B, **kw)
+    ref_nll_BT = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params).token_nll(inputs_BT, targets_BT, **kw))
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    chosen_BT = (seg_BT % 2 == 1).astype(jnp.float32)
+    sign_BT = 2.0 * chosen_BT - 1.0
+    pair_BT = (seg_BT + 1) // 2  # 0 on padding
+    num_pairs = seg_BT.shape[1] // 2 + 1  # a segment has at least one token
+
+    def per_pair(v_BT):
+        return jax.vmap(lambda v, p: jax.ops.segment_sum(v, p, num_segments=num_pairs))(v_BT, pair_BT)
+
+    margin_BP = per_pair((ref_nll_BT - nll_BT) * mask_BT * sign_BT)
+    valid_BP = ((per_pair(mask_BT * chosen_BT) > 0) & (per_pair(mask_BT * (1.0 - chosen_BT)) > 0))
+    valid_BP = valid_BP.at[:, 0].set(False).astype(jnp.float32)
+    z_BP = beta * margin_BP
+    return {"loss": jnp.sum(jax.nn.softplus(-z_BP) * valid_BP), "count": jnp.sum(valid_BP),
+            "correct": jnp.sum((z_BP > 0) * valid_BP)}
+
+
+def objective_sums(objective: str, graphdef, weights, ref_params, batch: dict, compute_dtype, *, impl=None,
+                   loss_chunks: int = 1, beta: float = 0.1, dropout_keys_B=None) -> dict:
+    """The objective's sums for one (micro)batch: {"loss", "count"} (+ "correct" for DPO), float32
+    scalars; the loss is their ratio."""
+    if objective == "dpo":
+        return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, beta, impl, dropout_keys_B)
+    s, n = loss_sums(graphdef, weights, batch, compute_dtype, impl, loss_chunks, dropout_keys_B)
+    return {"loss": s, "count": n}
 
 
 def dropout_keys(seed: int, step, batch_size: int):
@@ -144,7 +191,7 @@ def _microbatches(batch: dict, n: int) -> dict:
 @dataclasses.dataclass(frozen=True)
 class StepFns:
     train_step: Callable  # (state, batch) -> (state, metrics); jitted, state donated
-    eval_step: Callable  # (params, batch) -> (loss_sum, count); jitted
+    eval_step: Callable  # (state, batch) -> {"loss", "count"(, "correct")} sums; jitted
     init: Callable  # (seed) -> state; jitted with out_shardings
     state_shardings: Any
     batch_sharding: Any
@@ -153,38 +200,44 @@ class StepFns:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
                     impl: str | None = None, mesh=None, loss_chunks: int = 1, dropout_seed: int | None = None,
-                    rules=None):
+                    rules=None, objective: str = "lm", dpo_beta: float = 0.1):
     """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
 
     With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
     sharding constraints of the logical-axis table (see `sharding.constrain`). With `dropout_seed`, the
-    model's dropout is on, with keys from `dropout_keys(dropout_seed, state["step"], rows)`."""
+    model's dropout is on, with keys from `dropout_keys(dropout_seed, state["step"], rows)`. `objective`
+    "dpo" trains on pair rows against `state["ref_params"]` (see the module docstring)."""
 
-    def grads_of(params, weights, batch):
-        """Loss sum, token count and the gradient in the master weights' dtypes, differentiated at
-        `weights` (the master weights or the compute copy beside the embedding table)."""
+    def grads_of(params, weights, ref, batch):
+        """The objective's sums and the gradient of the loss sum in the master weights' dtypes,
+        differentiated at `weights` (the master weights or the compute copy beside the embedding table)."""
         def f(w, mb):
             mb = dict(mb)
             keys = mb.pop("dropout_keys", None)
-            s, n = loss_sums(graphdef, w, mb, compute_dtype, impl, loss_chunks, keys)
-            return s, n
+            sums = objective_sums(objective, graphdef, w, ref, mb, compute_dtype, impl=impl,
+                                  loss_chunks=loss_chunks, beta=dpo_beta, dropout_keys_B=keys)
+            return sums["loss"], sums
 
         def master(g):
             return jax.tree.map(lambda g, p: g.astype(p.dtype), g, params)
 
         if grad_accum == 1:
-            (s, n), g = jax.value_and_grad(f, has_aux=True)(weights, batch)
-            return s, n, master(g)
+            (_, sums), g = jax.value_and_grad(f, has_aux=True)(weights, batch)
+            return sums, master(g)
         mbs = _microbatches(batch, grad_accum)
 
         def body(carry, mb):
-            s_acc, n_acc, g_acc = carry
-            (s, n), g = jax.value_and_grad(f, has_aux=True)(weights, mb)
-            return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, master(g))), None
+            sums_acc, g_acc = carry
+            (_, sums), g = jax.value_and_grad(f, has_aux=True)(weights, mb)
+            return (jax.tree.map(jnp.add, sums_acc, sums), jax.tree.map(jnp.add, g_acc, master(g))), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), mbs)
-        return s, n, g
+        zero_sums = {k: jnp.float32(0) for k in ("loss", "count") + (("correct",) if objective == "dpo" else ())}
+        (sums, g), _ = jax.lax.scan(body, (zero_sums, zeros), mbs)
+        return sums, g
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: must be one of {OBJECTIVES}")
 
     def train_step(state, batch):
         params = state["params"]
@@ -192,9 +245,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
         weights = params if copy is None else {**params, **copy}
         if dropout_seed is not None:
             batch = {**batch, "dropout_keys": dropout_keys(dropout_seed, state["step"], batch["inputs"].shape[0])}
-        loss_sum, count, grads = grads_of(params, weights, batch)
+        sums, grads = grads_of(params, weights, state.get("ref_params"), batch)
+        count = sums["count"]
         denom = jnp.maximum(count, 1.0)
-        loss = loss_sum / denom
+        loss = sums["loss"] / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -211,35 +265,43 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
             "nonfinite_run": jnp.where(ok, 0, state["nonfinite_run"] + 1).astype(jnp.int32),
             "skipped": state["skipped"] + (~ok).astype(jnp.int32),
         }
+        if "ref_params" in state:
+            new_state["ref_params"] = state["ref_params"]
         if copy is not None:  # XLA writes it from the optimizer's fused update, no separate pass
             new_state["compute_params"] = compute_copy(new_state["params"], compute_dtype)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": ok,
                    "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
+        if "correct" in sums:  # DPO: the share of pairs the policy already ranks right (before this update)
+            metrics["accuracy"] = sums["correct"] / denom
         return new_state, metrics
 
     return shd.with_activation_sharding(train_step, mesh, rules)
 
 
 def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1,
-                   rules=None):
-    """(params, batch) -> (loss_sum, count); with `mesh`, activation constraints as in `make_train_step`."""
-    def eval_step(params, batch):
-        return loss_sums(graphdef, params, batch, compute_dtype, impl, loss_chunks)
+                   rules=None, objective: str = "lm", dpo_beta: float = 0.1):
+    """(state, batch) -> the objective's sums ({"loss", "count"}, + "correct" for DPO); with `mesh`,
+    activation constraints as in `make_train_step`."""
+    def eval_step(state, batch):
+        return objective_sums(objective, graphdef, state["params"], state.get("ref_params"), batch, compute_dtype,
+                              impl=impl, loss_chunks=loss_chunks, beta=dpo_beta)
 
     return shd.with_activation_sharding(eval_step, mesh, rules)
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None, copy_dtype=None):
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, params=None, copy_dtype=None,
+               ref_dtype=None):
     """Fresh state (see fresh_state); `params` (a pure dict) replaces the random init when given."""
     from phi3_jax.model.decoder import init_model
 
     if params is None:
         _, params = split_model(init_model(cfg, seed))
-    return fresh_state(params, tx, copy_dtype)
+    return fresh_state(params, tx, copy_dtype, ref_dtype)
 
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
-          impl: str | None = None, loss_chunks: int = 1, seed: int = 0, sequence_parallel: bool = False) -> StepFns:
+          impl: str | None = None, loss_chunks: int = 1, seed: int = 0, sequence_parallel: bool = False,
+          objective: str = "lm", dpo_beta: float = 0.1) -> StepFns:
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
@@ -247,35 +309,40 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
     inside `shd.activation_sharding(mesh)`, so `fns.train_step.lower(...)` (ahead-of-time compilation)
     carries the activation constraints too. When the config has dropout, the train step draws its masks
     from `seed` (train.seed) and the step number; the eval step never drops. `sequence_parallel`: the
-    residual stream split over `tensor` by sequence (`sharding.SEQUENCE_PARALLEL`).
+    residual stream split over `tensor` by sequence (`sharding.SEQUENCE_PARALLEL`). `objective` "dpo" keeps
+    the reference weights in the state and trains on pair rows.
     """
     graphdef = graphdef_of(cfg)
     rules = shd.SEQUENCE_PARALLEL if sequence_parallel else None
     copy_dtype = compute_dtype if keeps_compute_copy(mesh) else None
-    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0, copy_dtype=copy_dtype))
+    ref_dtype = compute_dtype if objective == "dpo" else None
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, 0, copy_dtype=copy_dtype, ref_dtype=ref_dtype))
     state_sh = shd.tree_shardings(mesh, abstract)
     batch_sh = shd.batch_sharding(mesh, 2)
 
     def init(seed: int):
-        return jax.jit(functools.partial(init_state, cfg, tx, int(seed), copy_dtype=copy_dtype),
+        return jax.jit(functools.partial(init_state, cfg, tx, int(seed), copy_dtype=copy_dtype, ref_dtype=ref_dtype),
                        out_shardings=state_sh)()
 
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
                                          mesh=mesh, loss_chunks=loss_chunks,
-                                         dropout_seed=seed if cfg.has_dropout else None, rules=rules),
+                                         dropout_seed=seed if cfg.has_dropout else None, rules=rules,
+                                         objective=objective, dpo_beta=dpo_beta),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh,
-                                       loss_chunks=loss_chunks, rules=rules),
-                        in_shardings=(state_sh["params"], batch_sh), out_shardings=shd.replicated(mesh))
+                                       loss_chunks=loss_chunks, rules=rules, objective=objective, dpo_beta=dpo_beta),
+                        in_shardings=(state_sh, batch_sh), out_shardings=shd.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)
 
 
 def state_from_params(fns: StepFns, tx: optax.GradientTransformation, params) -> dict:
-    """A fresh state (zero moments, step 0) around given parameters, placed with the state shardings."""
+    """A fresh state (zero moments, step 0) around given parameters, placed with the state shardings; a DPO
+    state's reference weights are these parameters."""
     params = jax.device_put(params, fns.state_shardings["params"])
-    copy = fns.abstract_state.get("compute_params")
-    dtype = None if copy is None else jax.tree.leaves(copy)[0].dtype
-    make = jax.jit(lambda p: fresh_state(p, tx, dtype), out_shardings=fns.state_shardings, donate_argnums=(0,))
+    dtype_of = lambda key: (None if key not in fns.abstract_state  # noqa: E731
+                            else jax.tree.leaves(fns.abstract_state[key]["layers"])[0].dtype)
+    make = jax.jit(lambda p: fresh_state(p, tx, dtype_of("compute_params"), dtype_of("ref_params")),
+                   out_shardings=fns.state_shardings, donate_argnums=(0,))
     return make(params)

@@ -96,8 +96,8 @@ def test_eval_step_never_drops():
     fns, state, batch, _ = _step(CFG)
     model = nnx.merge(ts.graphdef_of(CFG), state["params"])
     want = model.loss_sums(batch["inputs"], batch["targets"], batch["loss_mask"])
-    got = fns.eval_step(state["params"], batch)
-    np.testing.assert_allclose([float(g) for g in got], [float(w) for w in want], rtol=1e-6)
+    got = fns.eval_step(state, batch)
+    np.testing.assert_allclose([float(got["loss"]), float(got["count"])], [float(w) for w in want], rtol=1e-6)
 
 
 def test_config_rates_are_checked():

@@ -75,7 +75,8 @@ def test_loss_drops_and_bf16_compute_keeps_f32_master():
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.3, losses
     assert state["params"]["lm_head"]["kernel"].dtype == jnp.float32
-    s, n = f.eval_step(state["params"], b)
+    sums = f.eval_step(state, b)
+    s, n = sums["loss"], sums["count"]
     assert float(n) == float(np.sum(_batch()["loss_mask"]))
     assert abs(float(s) / float(n) - losses[-1]) < 0.5
 

@@ -19,7 +19,7 @@ from phi3_jax.model.cache import KVCache
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.layers import (MLP, Embed, Linear, Norm, dropout, dtype_of, fold_rows, gate_up_split,
                                    regroup_columns, rope_tables)
-from phi3_jax.ops.cross_entropy import head_logits, head_loss
+from phi3_jax.ops.cross_entropy import head_logits, head_loss, head_token_nll
 
 
 class Block(nnx.Module):
@@ -174,6 +174,15 @@ class Decoder(nnx.Module):
         loss = head_loss(x_BTD, self.head_weight(), targets_BT, mask_BT, divisor=self.cfg.logit_divisor,
                          dummy_ids=tuple(self.cfg.dummy_token_ids or ()), chunks=chunks)
         return loss, jnp.sum(mask_BT)
+
+    def token_nll(self, input_ids_BT, targets_BT, *, positions_BT=None, segment_ids_BT=None,
+                  impl: str | None = None, dropout_keys_B=None):
+        """float32 [B, T]: each token's next-token cross-entropy (-log p(target)), from the head as one op
+        (`ops.cross_entropy.head_token_nll`)."""
+        x_BTD, _ = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
+                               dropout_keys_B=dropout_keys_B)
+        return head_token_nll(x_BTD, self.head_weight(), targets_BT, divisor=self.cfg.logit_divisor,
+                              dummy_ids=tuple(self.cfg.dummy_token_ids or ()))
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None, dropout_keys_B=None):
         """(x, kv, m) after every layer: the output is x + m, where m is the last block's MLP output left for the

@@ -13,6 +13,10 @@ the same roundings (the matmul emits logits in x's dtype, the softmax runs in fl
   cost of one more head matmul (for large vocabularies on memory-bound slices).
 
 The loss is a sum (a scalar), so its cotangent is one number and the kept gradient needs no rescaling.
+
+`head_token_nll(x_BTD, w_DV, targets_BT)` gives the per-token cross-entropies [B, T] instead, for losses
+that weigh tokens by a function of other tokens' losses (DPO's per-sequence log-probabilities). It keeps the
+same bf16 softmax - onehot as the fast path, and its backward scales that by each token's cotangent.
 """
 from __future__ import annotations
 
@@ -33,6 +37,12 @@ def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_i
         raise ValueError(f"loss chunks={chunks} must be >= 1 and divide the sequence length {T}")
     return _head_loss(x_BTD, w_DV, targets_BT, mask_BT.astype(jnp.float32), float(divisor), tuple(dummy_ids),
                       int(chunks))
+
+
+def head_token_nll(x_BTD, w_DV, targets_BT, *, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
+    """float32 [B, T]: logsumexp(logits) - logits[target] for every token, differentiable in x and w (the
+    same roundings as `head_loss` with chunks=1)."""
+    return _token_nll(x_BTD, w_DV, targets_BT, float(divisor), tuple(dummy_ids))
 
 
 def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
@@ -207,3 +217,30 @@ def _bwd(divisor, dummy_ids, chunks, res, g):
 
 
 _head_loss.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_nll(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
+    return _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids)[0]
+
+
+def _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
+    raw_BTV = _matmul_logits(x_BTD, w_DV)
+    logits_BTV = _float_logits(raw_BTV, divisor, dummy_ids)
+    lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    ones_BT = jnp.ones(targets_BT.shape, jnp.float32)
+    dlogits_BTV = shd.constrain(dlogits(logits_BTV, lse_BT, targets_BT, ones_BT / divisor).astype(x_BTD.dtype),
+                                shd.ACT_BTV)
+    return lse_BT - target_BT, (x_BTD, w_DV, dlogits_BTV, targets_BT)
+
+
+def _token_nll_bwd(divisor, dummy_ids, res, g_BT):
+    x_BTD, w_DV, dlogits_BTV, targets_BT = res
+    scaled_BTV = (dlogits_BTV.astype(jnp.float32) * g_BT[..., None]).astype(x_BTD.dtype)
+    across_devices = any(shd.context_axes(axis) for axis in shd.ACT_BTV)
+    dx_BTD, dw_DV = _grads(x_BTD, w_DV, scaled_BTV, accumulate=across_devices)
+    return dx_BTD.astype(x_BTD.dtype), dw_DV.astype(w_DV.dtype), None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
