@@ -471,11 +471,15 @@ def _changed_train_fields(step_dir: Path, train_config: dict | None) -> str:
 
 def _check_objective(step_dir: Path, train_config: dict | None) -> None:
     """A DPO state holds the reference weights and reads pair rows: the other objective cannot resume it."""
-    for change in config_changes(step_dir, train_config):
-        if change.startswith("train.objective:") and change != 'train.objective: (absent) -> "lm"':
-            raise CheckpointError(f"{step_dir}: {change}: the checkpoint was saved by a run of another training "
-                                  "objective; resume with the one it was saved with, or keep only the weights: a "
-                                  f"new --workdir with --init_from {step_dir}")
+    try:
+        saved = _read_json_item(Source("checkpoint", step_dir.parent, int(step_dir.name)), TRAIN_CONFIG_ITEM)
+    except (CheckpointError, ValueError):
+        return
+    objective = lambda config: (config or {}).get("train", {}).get("objective", "lm")  # noqa: E731 - absent: "lm"
+    if objective(saved) != objective(train_config):
+        raise CheckpointError(f"{step_dir}: saved by a run with train.objective={objective(saved)!r}, this config has "
+                              f"{objective(train_config)!r}; resume with the objective it was saved with, or keep only "
+                              f"the weights: a new --workdir with --init_from {step_dir}")
 
 
 def _check_data_processes(data_dir: Path) -> None:

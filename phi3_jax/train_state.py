@@ -145,8 +145,8 @@ def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, beta: flo
         return jax.vmap(lambda v, p: jax.ops.segment_sum(v, p, num_segments=num_pairs))(v_BT, pair_BT)
 
     margin_BP = per_pair((ref_nll_BT - nll_BT) * mask_BT * sign_BT)
-    valid_BP = ((per_pair(mask_BT * chosen_BT) > 0) & (per_pair(mask_BT * (1.0 - chosen_BT)) > 0))
-    valid_BP = valid_BP.at[:, 0].set(False).astype(jnp.float32)
+    # Padding (pair 0) has no trained token, so it is never valid.
+    valid_BP = ((per_pair(mask_BT * chosen_BT) > 0) & (per_pair(mask_BT * (1.0 - chosen_BT)) > 0)).astype(jnp.float32)
     z_BP = beta * margin_BP
     return {"loss": jnp.sum(jax.nn.softplus(-z_BP) * valid_BP), "count": jnp.sum(valid_BP),
             "correct": jnp.sum((z_BP > 0) * valid_BP)}
