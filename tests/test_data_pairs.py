@@ -78,10 +78,21 @@ def _segment_tokens(row, s, window_last_in_segment):
     return idx, ids
 
 
-def _check_pair_rows(rows, expected):
+def _cut(pair, chosen_len):
+    """An encoded pair ((ids, trained), (ids, trained)) whose chosen conversation has `chosen_len` tokens in a row:
+    as it is, or with the same number of tokens cut from each conversation's start (after a leading bos)."""
+    cut = len(pair[0][0]) - chosen_len
+    if cut <= 0:
+        return pair
+    keep = int(pair[0][0][0] == TOK.bos_id)
+    return tuple((ids[:keep] + ids[keep + cut:], tr[:keep] + tr[keep + cut:]) for ids, tr in pair)
+
+
+def _check_pair_rows(rows, expected, encoded=None):
     """Every row obeys the pair convention, and each pair's segments are the chosen and rejected encode_chat ids
-    of one of `expected` [(chosen, rejected)]. Returns the indices of the pairs seen."""
-    encoded = [tuple(TOK.encode_chat(c) for c in pair) for pair in expected]
+    of one of `expected` [(chosen, rejected)] (or of `encoded` [((ids, trained), (ids, trained))]). Returns the
+    indices of the pairs seen."""
+    encoded = encoded or [tuple(TOK.encode_chat(c) for c in pair) for pair in expected]
     seen = []
     for row in rows:
         seg, pos, mask = row["segment_ids"], row["positions"], row["loss_mask"]
@@ -96,11 +107,12 @@ def _check_pair_rows(rows, expected):
         for k in range(1, top // 2 + 1):
             halves = [(s, *_segment_tokens(row, s, runs_on and s == top)) for s in (2 * k - 1, 2 * k)]
             (_, _, chosen_ids), (_, _, rejected_ids) = halves
-            matches = [i for i, ((c, _), (r, _)) in enumerate(encoded) if (c, r) == (chosen_ids, rejected_ids)]
+            matches = [i for i, pair in enumerate(encoded)
+                       if [ids for ids, _ in _cut(pair, len(chosen_ids))] == [chosen_ids, rejected_ids]]
             assert matches, f"pair {k} of a row is not one of the records' conversations"
             seen.append(matches[0])
             assert halves[1][1][0] == halves[0][1][-1] + 1, "the rejected conversation follows its chosen one"
-            for (s, idx, _), (_, trained) in zip(halves, encoded[matches[0]]):
+            for (s, idx, _), (_, trained) in zip(halves, _cut(encoded[matches[0]], len(chosen_ids))):
                 assert np.array_equal(pos[idx], np.arange(len(idx))), "positions restart in every segment"
                 # loss_mask[t] = target t in the same segment and trained: the next token's trained mark.
                 want = np.array(trained[1:len(idx) + 1] + [0] * (len(idx) + 1 - len(trained)), np.float32)
@@ -214,13 +226,65 @@ def test_a_pair_longer_than_a_row_is_dropped_with_a_warning(caplog):
     docs = [{"chosen": c, "rejected": r} for c, r in pairs]
     units = grain.MapDataset.source(docs).map(TokenizePair(TOK)).to_iter_dataset()
     with caplog.at_level(logging.WARNING, logger="phi3_jax.data.packing"):
-        rows = list(pack_pairs(units, SEQ, TOK.pad_id, num_bins=2, seed=0))
+        rows = list(pack_pairs(units, SEQ, TOK.pad_id, num_bins=2, seed=0, truncate=False))
     assert sorted(_check_pair_rows(rows, pairs)) == [0, 1, 3, 4, 5]
     full = [r for r in rows if (r["segment_ids"] > 0).all()]
     assert len(full) == 1 and full[0]["loss_mask"][-1] == 0 and full[0]["targets"][-1] == TOK.eos_id
-    assert [m for m in caplog.messages if "dropped a preference pair" in m] == [
-        "dropped a preference pair of 258 tokens: a pair is packed whole and rows hold seq_len + 1 = 257 "
-        "(1 dropped so far in this stream)"]
+    assert [m for m in caplog.messages if "preference pair" in m] == [
+        "dropped a preference pair of 258 tokens: rows hold seq_len + 1 = 257, a pair is packed whole, and "
+        "data.pair_overflow is 'drop' (1 dropped so far in this stream)"]
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_pair_longer_than_a_row_loses_the_start_of_its_shared_prompt(caplog, add_bos):
+    system = {"role": "system", "content": "Context: " + "the quick brown fox. " * 8}
+    long_prompt = [system, {"role": "user", "content": "What is 2 + 2? Say it briefly."}]
+    long_pair = (long_prompt + [REPLY], long_prompt + [{"role": "assistant", "content": "2 + 2 = 5.\nAnswer: 5"}])
+    too_long = tuple([USER, {"role": "assistant", "content": c * 140}] for c in "xy")
+    pairs = [_conversations(RECORDS[0]), long_pair, too_long, _conversations(RECORDS[1])]
+    tok = TokenizePair(TOK, add_bos=add_bos)
+    units = [tok.map({"chosen": c, "rejected": r}) for c, r in pairs]
+    encoded = []
+    for u in units:  # the units' conversations as (ids, trained) pairs, before any cut
+        rej = u["rejected"] == 1
+        encoded.append(tuple((u["tokens"][m].tolist(), u["trained"][m].tolist()) for m in (~rej, rej)))
+    n_long = len(units[1]["tokens"])
+    assert n_long > SEQ + 1 and len(units[2]["tokens"]) > SEQ + 1 and len(units[0]["tokens"]) <= SEQ + 1
+    # Expected by hand: the same `cut` tokens leave each conversation, right after its bos where it has one.
+    cut, keep = -(-(n_long - SEQ - 1) // 2), int(add_bos)
+    (c_ids, c_tr), (r_ids, r_tr) = encoded[1]
+    assert c_ids[:keep + cut] == r_ids[:keep + cut], "the cut lies in the shared prompt"
+    encoded[1] = tuple((ids[:keep] + ids[keep + cut:], tr[:keep] + tr[keep + cut:])
+                       for ids, tr in ((c_ids, c_tr), (r_ids, r_tr)))
+    with caplog.at_level(logging.WARNING, logger="phi3_jax.data.packing"):
+        rows = list(pack_pairs(grain.MapDataset.source(units).to_iter_dataset(), SEQ, TOK.pad_id, num_bins=2,
+                               seed=0, bos_id=TOK.bos_id))
+    assert sorted(_check_pair_rows(rows, None, encoded)) == [0, 1, 3]
+    assert sum(len(ids) for ids, _ in encoded[1]) in (SEQ, SEQ + 1)
+    assert encoded[1][0][0][-len(REPLY["content"]) - 2:] == c_ids[-len(REPLY["content"]) - 2:]
+    if add_bos:
+        assert encoded[1][0][0][0] == encoded[1][1][0][0] == TOK.bos_id
+    assert [m for m in caplog.messages if "preference pair" in m] == [
+        f"cut the start of a preference pair's shared prompt: {n_long} -> {n_long - 2 * cut} tokens to fit rows of "
+        f"seq_len + 1 = 257 (1 cut so far in this stream)",
+        f"dropped a preference pair of {len(units[2]['tokens'])} tokens: rows hold seq_len + 1 = 257, a pair is "
+        f"packed whole, even with its shared prompt cut (1 dropped so far in this stream)"]
+
+
+def test_pair_overflow_is_checked():
+    with pytest.raises(DataError, match=r"data.pair_overflow: unknown value 'truncate'; known: "
+                                        r"\('truncate_prompt', 'drop'\)"):
+        make_pipeline(_chat_cfg(pair_overflow="truncate"), TOK, CHAT_SEQ, BATCH, seed=0, pairs=True)
+
+
+def test_textbook_chat_pairs_truncated_to_short_rows():
+    # Most textbook_chat pairs are longer than 512 tokens: truncated, nearly all of them fit; dropped, few do.
+    seen = {}
+    for overflow in ("truncate_prompt", "drop"):
+        cfg = _chat_cfg(num_docs=40, pair_overflow=overflow, eval_fraction=0.5, eval_max_docs=20)
+        rows = _rows(make_pipeline(cfg, TOK, 512, BATCH, seed=0, split="eval", pairs=True))
+        seen[overflow] = sum(int(r["segment_ids"].max()) // 2 for r in rows)
+    assert seen["truncate_prompt"] >= 18 and seen["drop"] <= 10, seen
 
 
 def test_training_pairs_that_never_fit_a_row_are_an_error(tmp_path):
@@ -258,7 +322,7 @@ def test_eval_split_of_pairs_is_padded_and_whole():
     seen = _check_pair_rows(rows, [(src[i]["chosen"], src[i]["rejected"]) for i in range(300)])
     held_out = set(range(285, 300))
     long = {i for i in held_out if len(TokenizePair(TOK).map(src[i])["tokens"]) > CHAT_SEQ + 1}
-    assert sorted(seen) == sorted(held_out - long)
+    assert long and sorted(seen) == sorted(held_out), "every held-out pair, the long ones with their prompts cut"
 
 
 @pytest.mark.parametrize("kind,extra", [("textbook", {}), ("stdlib", {}), ("text", {"path": "."})])

@@ -29,6 +29,8 @@ Fields (defaults in `default_data_config`):
   textbook: seed (content seed of textbook and textbook_chat, independent of the shuffle seed),
     low_quality_fraction
   packing (concat | first_fit), first_fit_bins, add_bos, shuffle,
+  pair_overflow: a preference pair longer than a row: truncate_prompt (cut the start of the prompt its two
+    conversations share until it fits, keeping the end) | drop (packing.py),
   eval_fraction / eval_max_docs (held-out tail of every source's index range),
   read_threads / prefetch_buffer (grain ReadOptions per source stream), worker_processes (grain worker
     processes per phase; 0 = none)
@@ -43,7 +45,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from phi3_jax.data.errors import DataError
-from phi3_jax.data.packing import PACKING_METHODS
+from phi3_jax.data.packing import PACKING_METHODS, PAIR_OVERFLOW
 from phi3_jax.data.sources import SOURCE_KINDS
 
 SOURCE_DEFAULTS = dict(name="", kind="textbook", path="", field="text", weight=1.0, split="train", data_dir="",
@@ -52,8 +54,8 @@ PHASE_DEFAULTS = dict(name="", tokens=0, weights={})
 TOKENIZER_DEFAULTS = dict(kind="byte", path="", chat_template="", preset="")
 QUALITY_DEFAULTS = dict(scorer="heuristic", threshold=0.5, model_path="", train_docs=2000, seed=1234)
 TEXTBOOK_DEFAULTS = dict(seed=0, low_quality_fraction=0.2)
-TOP_DEFAULTS = dict(packing="concat", first_fit_bins=16, add_bos=False, shuffle=True, eval_fraction=0.01,
-                    eval_max_docs=256, read_threads=2, prefetch_buffer=64, worker_processes=0)
+TOP_DEFAULTS = dict(packing="concat", first_fit_bins=16, add_bos=False, shuffle=True, pair_overflow="truncate_prompt",
+                    eval_fraction=0.01, eval_max_docs=256, read_threads=2, prefetch_buffer=64, worker_processes=0)
 _SECTIONS = {"tokenizer": TOKENIZER_DEFAULTS, "quality": QUALITY_DEFAULTS, "textbook": TEXTBOOK_DEFAULTS}
 
 
@@ -108,6 +110,7 @@ class DataSpec:
     first_fit_bins: int
     add_bos: bool
     shuffle: bool
+    pair_overflow: str
     eval_fraction: float
     eval_max_docs: int
     read_threads: int
@@ -214,6 +217,8 @@ def validate_data_config(cfg) -> DataSpec:
 
     if top["packing"] not in PACKING_METHODS:
         raise DataError(f"data.packing: unknown method {top['packing']!r}; known: {PACKING_METHODS}")
+    if top["pair_overflow"] not in PAIR_OVERFLOW:
+        raise DataError(f"data.pair_overflow: unknown value {top['pair_overflow']!r}; known: {PAIR_OVERFLOW}")
     if not 0.0 <= top["eval_fraction"] < 1.0:
         raise DataError(f"data.eval_fraction: must be in [0, 1), got {top['eval_fraction']}")
     for k in ("first_fit_bins", "eval_max_docs", "prefetch_buffer"):

@@ -31,8 +31,13 @@ then its rejected one's, and `pack_pairs` places whole units first-fit (FirstFit
 seq_len + 1 tokens as above). The k-th pair of a row (k = 1, 2, ...) is segment 2k - 1 (chosen) followed
 right after by segment 2k (rejected): pair index = (segment + 1) // 2, chosen where the segment is odd.
 Positions restart at 0 in each of the two segments, and the loss-mask rule is the one above. A pair is
-never split, so a unit longer than seq_len + 1 tokens cannot be placed: it is dropped, with a logged
-warning (the first time, then every 1000th).
+never split, so a unit longer than seq_len + 1 tokens cannot be placed as it is. With `truncate` (the
+default; data.pair_overflow="truncate_prompt") it loses the start of the prefix its two conversations share
+(the prompt, and the last reply up to where the two replies differ), the same tokens from both and after a
+leading bos, until it fits: the prompt's end stays, as in TRL's "keep_end" truncation. Trained tokens in
+the shared prefix add the same log-ratio to both conversations, so cutting them changes the DPO margin only
+through the context. A unit that does not fit even with the whole shared prefix cut (or any too-long unit,
+without `truncate`) is dropped. Both are logged (the first time, then every 1000th).
 
 Block-sparse models (phi-3-small) apply their attention pattern by row position, the kernels' tiles, while
 each document should see the pattern of its own positions, as it does alone at inference. The two agree
@@ -273,21 +278,62 @@ def pack(tokens_ds: grain.IterDataset, seq_len: int, pad_id: int, *, method: str
     return packed.map(_ToRow(pad_id, extra))
 
 
-class _FitsWindow(grain.transforms.Filter):
-    """Keeps the pair units that fit a window; logs the ones it drops."""
+PAIR_OVERFLOW = ("truncate_prompt", "drop")
 
-    def __init__(self, window: int):
-        self.window, self.dropped = window, 0
 
-    def filter(self, unit: dict) -> bool:
+def fit_pair(unit: dict, window: int, *, truncate: bool = True, bos_id: int | None = None) -> dict | None:
+    """A `TokenizePair` unit of at most `window` tokens, or None: the unit itself where it fits; with `truncate`,
+    the unit less the start of its two conversations' shared prefix (after a leading `bos_id`), the same number
+    of tokens from each, where that makes it fit (see the module docstring)."""
+    n = len(unit["tokens"])
+    if n <= window:
+        return unit
+    if not truncate:
+        return None
+    is_rejected = np.asarray(unit["rejected"]) == 1
+    chosen, rejected = unit["tokens"][~is_rejected], unit["tokens"][is_rejected]
+    m = min(len(chosen), len(rejected)) - 1  # each conversation keeps at least its last token
+    differ = np.flatnonzero(chosen[:m] != rejected[:m])
+    shared = int(differ[0]) if differ.size else max(m, 0)
+    start = int(bos_id is not None and shared > 0 and chosen[0] == bos_id)
+    cut = -(-(n - window) // 2)
+    if cut > shared - start:
+        return None
+    keep = np.ones(n, bool)
+    keep[start:start + cut] = False
+    keep[len(chosen) + start:len(chosen) + start + cut] = False
+    out = {k: np.asarray(v)[keep] for k, v in unit.items()}
+    positions = [np.arange(len(chosen) - cut), np.arange(len(rejected) - cut)]
+    out["pair_positions"] = np.concatenate(positions).astype(np.int32)
+    return out
+
+
+class _FitPair(gexp.FlatMapTransform):
+    """A pair unit -> itself or its truncation where it fits a window (`fit_pair`), else nothing; logs both."""
+
+    max_fan_out = 1
+
+    def __init__(self, window: int, truncate: bool, bos_id: int | None):
+        self.window, self.truncate, self.bos_id = window, truncate, bos_id
+        self.truncated = self.dropped = 0
+
+    def flat_map(self, unit: dict):
+        fitted = fit_pair(unit, self.window, truncate=self.truncate, bos_id=self.bos_id)
         n = len(unit["tokens"])
-        if n <= self.window:
-            return True
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 1000 == 0:
-            log.warning("dropped a preference pair of %d tokens: a pair is packed whole and rows hold seq_len + 1 "
-                        "= %d (%d dropped so far in this stream)", n, self.window, self.dropped)
-        return False
+        if fitted is None:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                how = "even with its shared prompt cut" if self.truncate else "and data.pair_overflow is 'drop'"
+                log.warning("dropped a preference pair of %d tokens: rows hold seq_len + 1 = %d, a pair is packed "
+                            "whole, %s (%d dropped so far in this stream)", n, self.window, how, self.dropped)
+            return []
+        if fitted is not unit:
+            self.truncated += 1
+            if self.truncated == 1 or self.truncated % 1000 == 0:
+                log.warning("cut the start of a preference pair's shared prompt: %d -> %d tokens to fit rows of "
+                            "seq_len + 1 = %d (%d cut so far in this stream)", n, len(fitted["tokens"]), self.window,
+                            self.truncated)
+        return [fitted]
 
 
 class _ToPairRow(_ToRow):
@@ -300,13 +346,15 @@ class _ToPairRow(_ToRow):
 
 
 def pack_pairs(units_ds: grain.IterDataset, seq_len: int, pad_id: int, *, num_bins: int = 16, seed: int = 0,
-               extra: dict[str, Any] | None = None) -> grain.IterDataset:
+               extra: dict[str, Any] | None = None, truncate: bool = True,
+               bos_id: int | None = None) -> grain.IterDataset:
     """`TokenizePair` units -> rows (ROW_KEYS, plus constant int32 `extra` fields): every pair whole in one row,
-    packed first-fit; a unit longer than seq_len + 1 tokens is dropped (see the module docstring)."""
+    packed first-fit; a unit longer than seq_len + 1 tokens is cut to fit (`truncate`, keeping a leading `bos_id`)
+    or dropped (see the module docstring)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     window = seq_len + 1
-    packed = gexp.FirstFitPackIterDataset(units_ds.filter(_FitsWindow(window)),
+    packed = gexp.FirstFitPackIterDataset(gexp.FlatMapIterDataset(units_ds, _FitPair(window, truncate, bos_id)),
                                           length_struct={k: window for k in PAIR_FEATURES},
                                           num_packing_bins=num_bins, seed=seed, shuffle_bins=True)
     return packed.map(_ToPairRow(pad_id, extra))

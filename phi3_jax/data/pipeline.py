@@ -27,7 +27,8 @@ processes see the same number of eval steps.
 Preference pairs (`pairs=True`, for DPO): every source is opened with pairs=True (sources.py: only the
 kinds that hold pairs), each pair tokenized as one unit (packing.TokenizePair) and packed whole with
 packing.pack_pairs, first-fit, in both splits: data.packing is not used, and `align` is refused for rows
-where it would matter. A row's k-th pair is segments 2k - 1 (chosen) and 2k (rejected); see packing.py.
+where it would matter. A row's k-th pair is segments 2k - 1 (chosen) and 2k (rejected); a pair longer than a
+row loses the start of its shared prompt or is dropped, as data.pair_overflow says; see packing.py.
 Phases, mixtures, shuffling, the process split and eval padding are as above.
 """
 
@@ -41,7 +42,7 @@ import numpy as np
 from phi3_jax.data.config import DataSpec, SourceSpec, validate_data_config
 from phi3_jax.data.errors import DataError
 from phi3_jax.data.mixture import ChainIterDataset, PhasedIterDataset, derive_seed, mix_rows, steps_for_tokens
-from phi3_jax.data.packing import ROW_KEYS, Alignment, Tokenize, TokenizePair, pack, pack_pairs
+from phi3_jax.data.packing import ROW_KEYS, Alignment, Tokenize, TokenizePair, fit_pair, pack, pack_pairs
 from phi3_jax.data.quality import make_scorer
 from phi3_jax.data.sources import make_source
 from phi3_jax.data.tokenizers import Tokenizer, make_tokenizer
@@ -157,13 +158,14 @@ def _check_args(seq_len, global_batch_size, seed, process_index, process_count, 
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
 
 
-def _check_pairs_fit(name: str, docs: grain.MapDataset, tok: TokenizePair, window: int) -> None:
+def _check_pairs_fit(name: str, docs: grain.MapDataset, tok: TokenizePair, window: int, truncate: bool) -> None:
     """Training repeats its pairs without end: with none short enough to pack it would search for ever."""
-    probe = [d for d in (docs[i] for i in range(min(len(docs), 64))) if d is not None]
-    shortest = min((len(tok.map(d)["tokens"]) for d in probe), default=0)
-    if shortest > window:
+    probe = [tok.map(d) for d in (docs[i] for i in range(min(len(docs), 64))) if d is not None]
+    if probe and all(fit_pair(u, window, truncate=truncate, bos_id=tok.tokenizer.bos_id) is None for u in probe):
+        shortest = min(len(u["tokens"]) for u in probe)
+        how = " even with their shared prompts cut" if truncate else " (data.pair_overflow='drop')"
         raise DataError(f"source {name!r}: none of the first {len(probe)} preference pairs fits a row of seq_len + 1 = "
-                        f"{window} tokens (the shortest has {shortest}); a pair is packed whole: raise seq_len")
+                        f"{window} tokens{how} (the shortest has {shortest}); a pair is packed whole: raise seq_len")
 
 
 def phase_schedule(data_cfg, seq_len: int, global_batch_size: int) -> list[tuple[str, int, int | None]]:
@@ -203,7 +205,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
         tokens = docs.map(tok).to_iter_dataset(_read_options(spec))
         if pairs:
             return pack_pairs(tokens, seq_len, tokenizer.pad_id, num_bins=spec.first_fit_bins, seed=pack_seed,
-                              extra=extra)
+                              extra=extra, truncate=spec.pair_overflow == "truncate_prompt", bos_id=tokenizer.bos_id)
         return pack(tokens, seq_len, tokenizer.pad_id, method=method, num_bins=spec.first_fit_bins,
                     seed=pack_seed, extra=extra, align=align)
 
@@ -227,7 +229,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
             if len(docs) == 0:
                 raise DataError(f"source {name!r} has fewer training documents than processes ({process_count})")
             if pairs:
-                _check_pairs_fit(name, docs, tok, seq_len + 1)
+                _check_pairs_fit(name, docs, tok, seq_len + 1, spec.pair_overflow == "truncate_prompt")
             if spec.shuffle:
                 docs = docs.shuffle(derive_seed(seed, pi, index[name]))
             streams.append(rows(s, docs.repeat(), derive_seed(seed, pi, index[name], 1), spec.packing))
