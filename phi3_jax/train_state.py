@@ -31,6 +31,7 @@ Objective "dpo" (direct preference optimisation): rows hold preference pairs (ph
 segment 2k-1 the chosen conversation of pair k, segment 2k the rejected one). With r = log p_policy -
 log p_ref summed over each conversation's trained tokens, the loss is -log sigmoid(beta (r_chosen -
 r_rejected)) averaged over the pairs of the global batch; `correct` counts pairs whose margin is positive.
+The per-token log-probabilities come from the head as one op too, `loss_chunks` slices at a time.
 """
 from __future__ import annotations
 
@@ -126,12 +127,13 @@ def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = N
 
 
 def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, beta: float, impl: str | None = None,
-             dropout_keys_B=None) -> dict:
+             dropout_keys_B=None, loss_chunks: int = 1) -> dict:
     """{"loss": sum over pairs of -log sigmoid(beta * margin), "count": pairs, "correct": pairs with a
     positive margin} for a batch of pair rows (see the module docstring); `ref_params` as `compute_params`
-    gives them. A pair counts when both conversations have trained tokens."""
+    gives them. A pair counts when both conversations have trained tokens. `loss_chunks` as in `loss_sums`,
+    for the policy's and the reference's heads."""
     inputs_BT, targets_BT, seg_BT = batch["inputs"], batch["targets"], batch["segment_ids"]
-    kw = dict(positions_BT=batch.get("positions"), segment_ids_BT=seg_BT, impl=impl)
+    kw = dict(positions_BT=batch.get("positions"), segment_ids_BT=seg_BT, impl=impl, chunks=loss_chunks)
     nll_BT = nnx.merge(graphdef, compute_params(params, compute_dtype)).token_nll(
         inputs_BT, targets_BT, dropout_keys_B=dropout_keys_B, **kw)
     ref_nll_BT = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params).token_nll(inputs_BT, targets_BT, **kw))
@@ -157,7 +159,7 @@ def objective_sums(objective: str, graphdef, weights, ref_params, batch: dict, c
     """The objective's sums for one (micro)batch: {"loss", "count"} (+ "correct" for DPO), float32
     scalars; the loss is their ratio."""
     if objective == "dpo":
-        return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, beta, impl, dropout_keys_B)
+        return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, beta, impl, dropout_keys_B, loss_chunks)
     s, n = loss_sums(graphdef, weights, batch, compute_dtype, impl, loss_chunks, dropout_keys_B)
     return {"loss": s, "count": n}
 

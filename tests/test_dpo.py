@@ -17,7 +17,8 @@ CFG = get_preset("phi-3-tiny", vocab_size=64, hidden_size=32, num_layers=2, num_
 BETA = 0.5
 
 
-def test_head_token_nll_matches_log_softmax_values_and_grads():
+@pytest.mark.parametrize("chunks", [1, 5])
+def test_head_token_nll_matches_log_softmax_values_and_grads(chunks):
     kx, kw, kt, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (2, 5, 16))
     w = jax.random.normal(kw, (16, 40)) * 0.3
@@ -30,7 +31,7 @@ def test_head_token_nll_matches_log_softmax_values_and_grads():
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), t[..., None], -1)[..., 0]
 
     def fused(x, w):
-        return head_token_nll(x, w, t, divisor=2.0, dummy_ids=(3,))
+        return head_token_nll(x, w, t, divisor=2.0, dummy_ids=(3,), chunks=chunks)
 
     vjp = jax.jit(lambda f, x, w, g: (f(x, w), jax.vjp(f, x, w)[1](g)), static_argnums=0)
     want_nll, want = vjp(plain, x, w, g)
@@ -94,14 +95,15 @@ def _params(seed):
     return nnx.split(init_model(CFG, seed), nnx.Param)[1].to_pure_dict()
 
 
-def test_dpo_sums_match_unpacked_conversations_values_and_grads():
+@pytest.mark.parametrize("loss_chunks", [1, 3])
+def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks):
     pairs = _pairs(np.random.default_rng(0))
     policy, ref = _params(0), _params(1)
     batch = _packed(pairs)
     graphdef = ts.graphdef_of(CFG)
 
     def packed_loss(p):
-        sums = ts.dpo_sums(graphdef, p, ref, batch, "float32", BETA)
+        sums = ts.dpo_sums(graphdef, p, ref, batch, "float32", BETA, loss_chunks=loss_chunks)
         return sums["loss"], sums
 
     (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(policy)
@@ -125,12 +127,12 @@ def test_dpo_against_itself_is_log2_and_a_pair_without_a_rejected_reply_is_not_c
     assert float(sums["count"]) == 2
 
 
-def _dpo_fns(grad_accum=1, compute_dtype="float32"):
+def _dpo_fns(grad_accum=1, compute_dtype="float32", loss_chunks=1):
     mesh = shd.make_mesh({"fsdp": -1})
     params = ts.split_model(abstract_model(CFG))[1]
     tx, _ = optim.make_optimizer(params, lr=3e-3, steps=100, warmup_steps=0, weight_decay=0.0)
     fns = ts.build(CFG, tx, mesh, compute_dtype=compute_dtype, grad_accum=grad_accum, objective="dpo",
-                   dpo_beta=BETA)
+                   dpo_beta=BETA, loss_chunks=loss_chunks)
     return fns, tx, mesh
 
 
@@ -159,8 +161,8 @@ def test_dpo_train_step_learns_the_preference_and_keeps_the_reference():
 
 
 @pytest.mark.slow
-def test_dpo_grad_accum_and_init_from_params():
-    (f1, tx, mesh), (f2, _, _) = _dpo_fns(1), _dpo_fns(2)
+def test_dpo_grad_accum_loss_chunks_and_init_from_params():
+    (f1, tx, mesh), (f2, _, _) = _dpo_fns(1), _dpo_fns(2, loss_chunks=3)
     start = _params(3)
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 - state_from_params takes (donates) them
     s1, s2 = ts.state_from_params(f1, tx, copy(start)), ts.state_from_params(f2, tx, copy(start))

@@ -176,13 +176,13 @@ class Decoder(nnx.Module):
         return loss, jnp.sum(mask_BT)
 
     def token_nll(self, input_ids_BT, targets_BT, *, positions_BT=None, segment_ids_BT=None,
-                  impl: str | None = None, dropout_keys_B=None):
+                  impl: str | None = None, chunks: int = 1, dropout_keys_B=None):
         """float32 [B, T]: each token's next-token cross-entropy (-log p(target)), from the head as one op
-        (`ops.cross_entropy.head_token_nll`)."""
+        (`ops.cross_entropy.head_token_nll`; `chunks` > 1 keeps only a slice of the logits at a time)."""
         x_BTD, _ = self.hidden(input_ids_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, impl=impl,
                                dropout_keys_B=dropout_keys_B)
         return head_token_nll(x_BTD, self.head_weight(), targets_BT, divisor=self.cfg.logit_divisor,
-                              dummy_ids=tuple(self.cfg.dummy_token_ids or ()))
+                              dummy_ids=tuple(self.cfg.dummy_token_ids or ()), chunks=chunks)
 
     def _run_layers(self, x_BTD, cos_BTH, sin_BTH, segment_ids_BT, impl, kv=None, dropout_keys_B=None):
         """(x, kv, m) after every layer: the output is x + m, where m is the last block's MLP output left for the

@@ -15,8 +15,10 @@ the same roundings (the matmul emits logits in x's dtype, the softmax runs in fl
 The loss is a sum (a scalar), so its cotangent is one number and the kept gradient needs no rescaling.
 
 `head_token_nll(x_BTD, w_DV, targets_BT)` gives the per-token cross-entropies [B, T] instead, for losses
-that weigh tokens by a function of other tokens' losses (DPO's per-sequence log-probabilities). It keeps the
-same bf16 softmax - onehot as the fast path, and its backward scales that by each token's cotangent.
+that weigh tokens by a function of other tokens' losses (DPO's per-sequence log-probabilities). With chunks=1
+it keeps the same bf16 softmax - onehot as the fast path, and its backward scales that by each token's
+cotangent; with chunks=N > 1 it runs chunk by chunk as `head_loss` does, and the backward pass recomputes each
+chunk's softmax - onehot and scales it by that chunk's cotangents in float32 (one rounding to x's dtype).
 """
 from __future__ import annotations
 
@@ -39,10 +41,14 @@ def head_loss(x_BTD, w_DV, targets_BT, mask_BT, *, divisor: float = 1.0, dummy_i
                       int(chunks))
 
 
-def head_token_nll(x_BTD, w_DV, targets_BT, *, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
+def head_token_nll(x_BTD, w_DV, targets_BT, *, divisor: float = 1.0, dummy_ids: tuple[int, ...] = (),
+                   chunks: int = 1):
     """float32 [B, T]: logsumexp(logits) - logits[target] for every token, differentiable in x and w (the
-    same roundings as `head_loss` with chunks=1)."""
-    return _token_nll(x_BTD, w_DV, targets_BT, float(divisor), tuple(dummy_ids))
+    same roundings as `head_loss` with the same `chunks`)."""
+    T = x_BTD.shape[1]
+    if chunks < 1 or T % chunks:
+        raise ValueError(f"loss chunks={chunks} must be >= 1 and divide the sequence length {T}")
+    return _token_nll(x_BTD, w_DV, targets_BT, float(divisor), tuple(dummy_ids), int(chunks))
 
 
 def head_logits(x_BTD, w_DV, divisor: float = 1.0, dummy_ids: tuple[int, ...] = ()):
@@ -219,27 +225,53 @@ def _bwd(divisor, dummy_ids, chunks, res, g):
 _head_loss.defvjp(_fwd, _bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_nll(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
-    return _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids)[0]
-
-
-def _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
+def _nll_parts(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
+    """(float32 logits, logsumexp [B, T], per-token cross-entropy [B, T]) for one chunk."""
     raw_BTV = _matmul_logits(x_BTD, w_DV)
     logits_BTV = _float_logits(raw_BTV, divisor, dummy_ids)
     lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    ones_BT = jnp.ones(targets_BT.shape, jnp.float32)
-    dlogits_BTV = shd.constrain(dlogits(logits_BTV, lse_BT, targets_BT, ones_BT / divisor).astype(x_BTD.dtype),
-                                shd.ACT_BTV)
-    return lse_BT - target_BT, (x_BTD, w_DV, dlogits_BTV, targets_BT)
+    return logits_BTV, lse_BT, lse_BT - target_BT
 
 
-def _token_nll_bwd(divisor, dummy_ids, res, g_BT):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_nll(x_BTD, w_DV, targets_BT, divisor, dummy_ids, chunks):
+    return _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids, chunks)[0]
+
+
+def _token_nll_fwd(x_BTD, w_DV, targets_BT, divisor, dummy_ids, chunks):
+    if chunks == 1:
+        logits_BTV, lse_BT, nll_BT = _nll_parts(x_BTD, w_DV, targets_BT, divisor, dummy_ids)
+        ones_BT = jnp.ones(targets_BT.shape, jnp.float32)
+        dlogits_BTV = shd.constrain(dlogits(logits_BTV, lse_BT, targets_BT, ones_BT / divisor).astype(x_BTD.dtype),
+                                    shd.ACT_BTV)
+        return nll_BT, (x_BTD, w_DV, dlogits_BTV, targets_BT)
+
+    def body(_, xs):
+        x, t = xs
+        return None, _nll_parts(x, w_DV, t, divisor, dummy_ids)[2]
+
+    _, nll_nBt = jax.lax.scan(body, None, (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks)))
+    return _unchunk(nll_nBt), (x_BTD, w_DV, None, targets_BT)
+
+
+def _token_nll_bwd(divisor, dummy_ids, chunks, res, g_BT):
     x_BTD, w_DV, dlogits_BTV, targets_BT = res
-    scaled_BTV = (dlogits_BTV.astype(jnp.float32) * g_BT[..., None]).astype(x_BTD.dtype)
-    across_devices = any(shd.context_axes(axis) for axis in shd.ACT_BTV)
-    dx_BTD, dw_DV = _grads(x_BTD, w_DV, scaled_BTV, accumulate=across_devices)
+    if chunks == 1:
+        scaled_BTV = (dlogits_BTV.astype(jnp.float32) * g_BT[..., None]).astype(x_BTD.dtype)
+        across_devices = any(shd.context_axes(axis) for axis in shd.ACT_BTV)
+        dx_BTD, dw_DV = _grads(x_BTD, w_DV, scaled_BTV, accumulate=across_devices)
+    else:
+        def body(dw, xs):
+            x, t, g = xs
+            logits, lse, _ = _nll_parts(x, w_DV, t, divisor, dummy_ids)
+            scaled = shd.constrain(dlogits(logits, lse, t, g / divisor).astype(x.dtype), shd.ACT_BTV)
+            dx, dw_c = _grads(x, w_DV, scaled, accumulate=True)
+            return dw + dw_c, dx
+
+        xs = (_by_chunk(x_BTD, chunks), _by_chunk(targets_BT, chunks), _by_chunk(g_BT, chunks))
+        dw_DV, dx_nBtD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
+        dx_BTD = _unchunk(dx_nBtD)
     return dx_BTD.astype(x_BTD.dtype), dw_DV.astype(w_DV.dtype), None
 
 
