@@ -31,6 +31,9 @@ Objective "dpo" (direct preference optimisation): rows hold preference pairs (ph
 segment 2k-1 the chosen conversation of pair k, segment 2k the rejected one). With r = log p_policy -
 log p_ref summed over each conversation's trained tokens, the loss is -log sigmoid(beta (r_chosen -
 r_rejected)) averaged over the pairs of the global batch; `correct` counts pairs whose margin is positive.
+`DPOLoss` also gives TRL's other losses on the same margin: "ipo" ((m - 1 / (2 beta))^2, with r averaged
+over each conversation's trained tokens, as TRL does for IPO), "hinge" (relu(1 - beta m)), and conservative
+DPO's label smoothing of the sigmoid loss.
 The per-token log-probabilities come from the head as one op too, `loss_chunks` slices at a time.
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ from flax import nnx
 from phi3_jax import sharding as shd
 from phi3_jax.model.config import ModelConfig
 from phi3_jax.model.decoder import Decoder
+from phi3_jax.train_config import DPO_LOSSES
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 OBJECTIVES = ("lm", "dpo")
@@ -126,12 +130,43 @@ def loss_sums(graphdef, params, batch: dict, compute_dtype, impl: str | None = N
                            dropout_keys_B=dropout_keys_B)
 
 
-def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, beta: float, impl: str | None = None,
+@dataclasses.dataclass(frozen=True)
+class DPOLoss:
+    """The per-pair loss on the margin m = (r_chosen - r_rejected), r = log p_policy - log p_ref:
+    "sigmoid" -(1 - label_smoothing) log sigmoid(beta m) - label_smoothing log sigmoid(-beta m) (DPO; with
+    label_smoothing > 0 conservative DPO, for preference labels flipped with that probability), "ipo"
+    (m - 1 / (2 beta))^2 with each r averaged over its conversation's trained tokens, "hinge" relu(1 - beta m)."""
+    beta: float = 0.1
+    kind: str = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in DPO_LOSSES:
+            raise ValueError(f"DPO loss {self.kind!r}: must be one of {DPO_LOSSES}")
+        if not self.beta > 0:
+            raise ValueError(f"DPO beta {self.beta}: must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.kind != "sigmoid"):
+            raise ValueError(f"DPO label_smoothing {self.label_smoothing}: must be in [0, 0.5), and 0 unless the "
+                             f"loss is 'sigmoid' (it is {self.kind!r})")
+
+    def per_pair(self, margin_BP):
+        """float32 loss of each pair from its margin (in the loss's own r: summed, or averaged for "ipo")."""
+        z_BP = self.beta * margin_BP
+        if self.kind == "ipo":
+            return jnp.square(margin_BP - 1.0 / (2.0 * self.beta))
+        if self.kind == "hinge":
+            return jax.nn.relu(1.0 - z_BP)
+        eps = self.label_smoothing
+        loss_BP = jax.nn.softplus(-z_BP)
+        return (1.0 - eps) * loss_BP + eps * jax.nn.softplus(z_BP) if eps else loss_BP
+
+
+def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, loss: DPOLoss, impl: str | None = None,
              dropout_keys_B=None, loss_chunks: int = 1) -> dict:
-    """{"loss": sum over pairs of -log sigmoid(beta * margin), "count": pairs, "correct": pairs with a
-    positive margin} for a batch of pair rows (see the module docstring); `ref_params` as `compute_params`
-    gives them. A pair counts when both conversations have trained tokens. `loss_chunks` as in `loss_sums`,
-    for the policy's and the reference's heads."""
+    """{"loss": sum over pairs of `loss.per_pair(margin)`, "count": pairs, "correct": pairs with a positive
+    margin} for a batch of pair rows (see the module docstring); `ref_params` as `compute_params` gives
+    them. A pair counts when both conversations have trained tokens. `loss_chunks` as in `loss_sums`, for the
+    policy's and the reference's heads."""
     inputs_BT, targets_BT, seg_BT = batch["inputs"], batch["targets"], batch["segment_ids"]
     kw = dict(positions_BT=batch.get("positions"), segment_ids_BT=seg_BT, impl=impl, chunks=loss_chunks)
     nll_BT = nnx.merge(graphdef, compute_params(params, compute_dtype)).token_nll(
@@ -139,27 +174,31 @@ def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, beta: flo
     ref_nll_BT = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params).token_nll(inputs_BT, targets_BT, **kw))
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     chosen_BT = (seg_BT % 2 == 1).astype(jnp.float32)
-    sign_BT = 2.0 * chosen_BT - 1.0
     pair_BT = (seg_BT + 1) // 2  # 0 on padding
     num_pairs = seg_BT.shape[1] // 2 + 1  # a segment has at least one token
 
     def per_pair(v_BT):
         return jax.vmap(lambda v, p: jax.ops.segment_sum(v, p, num_segments=num_pairs))(v_BT, pair_BT)
 
-    margin_BP = per_pair((ref_nll_BT - nll_BT) * mask_BT * sign_BT)
+    ratio_BT = (ref_nll_BT - nll_BT) * mask_BT
+    n_chosen_BP, n_rejected_BP = per_pair(mask_BT * chosen_BT), per_pair(mask_BT * (1.0 - chosen_BT))
+    r_chosen_BP, r_rejected_BP = per_pair(ratio_BT * chosen_BT), per_pair(ratio_BT * (1.0 - chosen_BT))
+    if loss.kind == "ipo":
+        r_chosen_BP = r_chosen_BP / jnp.maximum(n_chosen_BP, 1.0)
+        r_rejected_BP = r_rejected_BP / jnp.maximum(n_rejected_BP, 1.0)
+    margin_BP = r_chosen_BP - r_rejected_BP
     # Padding (pair 0) has no trained token, so it is never valid.
-    valid_BP = ((per_pair(mask_BT * chosen_BT) > 0) & (per_pair(mask_BT * (1.0 - chosen_BT)) > 0)).astype(jnp.float32)
-    z_BP = beta * margin_BP
-    return {"loss": jnp.sum(jax.nn.softplus(-z_BP) * valid_BP), "count": jnp.sum(valid_BP),
-            "correct": jnp.sum((z_BP > 0) * valid_BP)}
+    valid_BP = ((n_chosen_BP > 0) & (n_rejected_BP > 0)).astype(jnp.float32)
+    return {"loss": jnp.sum(loss.per_pair(margin_BP) * valid_BP), "count": jnp.sum(valid_BP),
+            "correct": jnp.sum((margin_BP > 0) * valid_BP)}
 
 
 def objective_sums(objective: str, graphdef, weights, ref_params, batch: dict, compute_dtype, *, impl=None,
-                   loss_chunks: int = 1, beta: float = 0.1, dropout_keys_B=None) -> dict:
+                   loss_chunks: int = 1, dpo: DPOLoss = DPOLoss(), dropout_keys_B=None) -> dict:
     """The objective's sums for one (micro)batch: {"loss", "count"} (+ "correct" for DPO), float32
     scalars; the loss is their ratio."""
     if objective == "dpo":
-        return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, beta, impl, dropout_keys_B, loss_chunks)
+        return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, dpo, impl, dropout_keys_B, loss_chunks)
     s, n = loss_sums(graphdef, weights, batch, compute_dtype, impl, loss_chunks, dropout_keys_B)
     return {"loss": s, "count": n}
 
@@ -202,7 +241,7 @@ class StepFns:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype="float32", grad_accum: int = 1,
                     impl: str | None = None, mesh=None, loss_chunks: int = 1, dropout_seed: int | None = None,
-                    rules=None, objective: str = "lm", dpo_beta: float = 0.1):
+                    rules=None, objective: str = "lm", dpo: DPOLoss = DPOLoss()):
     """The pure train step: (state, batch) -> (state, metrics). Not jitted here.
 
     With `mesh`, the step traces inside `shd.activation_sharding(mesh)`: the model's activations carry the
@@ -217,7 +256,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
             mb = dict(mb)
             keys = mb.pop("dropout_keys", None)
             sums = objective_sums(objective, graphdef, w, ref, mb, compute_dtype, impl=impl,
-                                  loss_chunks=loss_chunks, beta=dpo_beta, dropout_keys_B=keys)
+                                  loss_chunks=loss_chunks, dpo=dpo, dropout_keys_B=keys)
             return sums["loss"], sums
 
         def master(g):
@@ -281,12 +320,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
 
 
 def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1,
-                   rules=None, objective: str = "lm", dpo_beta: float = 0.1):
+                   rules=None, objective: str = "lm", dpo: DPOLoss = DPOLoss()):
     """(state, batch) -> the objective's sums ({"loss", "count"}, + "correct" for DPO); with `mesh`,
     activation constraints as in `make_train_step`."""
     def eval_step(state, batch):
         return objective_sums(objective, graphdef, state["params"], state.get("ref_params"), batch, compute_dtype,
-                              impl=impl, loss_chunks=loss_chunks, beta=dpo_beta)
+                              impl=impl, loss_chunks=loss_chunks, dpo=dpo)
 
     return shd.with_activation_sharding(eval_step, mesh, rules)
 
@@ -303,7 +342,7 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, pa
 
 def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_dtype="float32", grad_accum: int = 1,
           impl: str | None = None, loss_chunks: int = 1, seed: int = 0, sequence_parallel: bool = False,
-          objective: str = "lm", dpo_beta: float = 0.1) -> StepFns:
+          objective: str = "lm", dpo: DPOLoss = DPOLoss()) -> StepFns:
     """Jitted init / train / eval functions with the state's shardings on `mesh`.
 
     The state is never materialised unsharded: `init(seed)` runs under jit with out_shardings from the
@@ -329,11 +368,11 @@ def build(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, compute_d
     train_step = jax.jit(make_train_step(graphdef, tx, compute_dtype=compute_dtype, grad_accum=grad_accum, impl=impl,
                                          mesh=mesh, loss_chunks=loss_chunks,
                                          dropout_seed=seed if cfg.has_dropout else None, rules=rules,
-                                         objective=objective, dpo_beta=dpo_beta),
+                                         objective=objective, dpo=dpo),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, shd.replicated(mesh)),
                          donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(graphdef, compute_dtype=compute_dtype, impl=impl, mesh=mesh,
-                                       loss_chunks=loss_chunks, rules=rules, objective=objective, dpo_beta=dpo_beta),
+                                       loss_chunks=loss_chunks, rules=rules, objective=objective, dpo=dpo),
                         in_shardings=(state_sh, batch_sh), out_shardings=shd.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return StepFns(train_step, eval_step, init, state_sh, batch_sh, abstract)

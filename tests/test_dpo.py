@@ -71,9 +71,10 @@ def _packed(pairs, T=24):
     return {k: jnp.asarray(v) for k, v in rows.items()}
 
 
-def _logps(params, pairs):
-    """[pairs, 2]: sum of log p(ids[t] | ids[:t]) over trained t of each chosen and rejected conversation, from
-    the model's float32 logits with each conversation alone in a row (padded at its end: causal)."""
+def _logps(params, pairs, average=False):
+    """[pairs, 2]: sum of log p(ids[t] | ids[:t]) over trained t of each chosen and rejected conversation (with
+    `average`, its mean over them), from the model's float32 logits with each conversation alone in a row
+    (padded at its end: causal)."""
     seqs = [(ids, trained) for c, ct, r, rt in pairs for ids, trained in ((c, ct), (r, rt))]
     L = max(len(ids) for ids, _ in seqs)
     ids = np.stack([np.pad(i, (0, L - len(i))) for i, _ in seqs])
@@ -82,33 +83,43 @@ def _logps(params, pairs):
     x, _ = model.hidden(jnp.asarray(ids[:, :-1]))
     logp = jax.nn.log_softmax(model.logits(x))
     target = jnp.take_along_axis(logp, jnp.asarray(ids[:, 1:, None]), -1)[..., 0]
-    return jnp.sum(target * trained[:, 1:], axis=1).reshape(-1, 2)
+    logp = jnp.sum(target * trained[:, 1:], axis=1)
+    return (logp / trained[:, 1:].sum(1) if average else logp).reshape(-1, 2)
 
 
-def _reference_loss(params, ref, pairs):
-    ratio = _logps(params, pairs) - _logps(ref, pairs)
-    z = BETA * (ratio[:, 0] - ratio[:, 1])
-    return jnp.sum(-jax.nn.log_sigmoid(z)), jnp.sum(z > 0)
+def _reference_loss(params, ref, pairs, kind="sigmoid", smoothing=0.0):
+    """The losses as TRL writes them, from the unpacked conversations' log-probabilities."""
+    ratio = _logps(params, pairs, kind == "ipo") - _logps(ref, pairs, kind == "ipo")
+    m = ratio[:, 0] - ratio[:, 1]
+    if kind == "ipo":
+        losses = (m - 1 / (2 * BETA)) ** 2
+    elif kind == "hinge":
+        losses = jax.nn.relu(1 - BETA * m)
+    else:
+        losses = -jax.nn.log_sigmoid(BETA * m) * (1 - smoothing) - jax.nn.log_sigmoid(-BETA * m) * smoothing
+    return jnp.sum(losses), jnp.sum(m > 0)
 
 
 def _params(seed):
     return nnx.split(init_model(CFG, seed), nnx.Param)[1].to_pure_dict()
 
 
-@pytest.mark.parametrize("loss_chunks", [1, 3])
-def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks):
+@pytest.mark.parametrize("loss_chunks,kind,smoothing", [(1, "sigmoid", 0.0), (3, "sigmoid", 0.0),
+                                                       (1, "sigmoid", 0.2), (1, "ipo", 0.0), (1, "hinge", 0.0)])
+def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks, kind, smoothing):
     pairs = _pairs(np.random.default_rng(0))
     policy, ref = _params(0), _params(1)
     batch = _packed(pairs)
     graphdef = ts.graphdef_of(CFG)
+    loss_fn = ts.DPOLoss(BETA, kind, smoothing)
 
     def packed_loss(p):
-        sums = ts.dpo_sums(graphdef, p, ref, batch, "float32", BETA, loss_chunks=loss_chunks)
+        sums = ts.dpo_sums(graphdef, p, ref, batch, "float32", loss_fn, loss_chunks=loss_chunks)
         return sums["loss"], sums
 
     (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(policy)
     (want_loss, want_correct), want_grads = jax.jit(jax.value_and_grad(
-        lambda p: _reference_loss(p, ref, pairs), has_aux=True))(policy)
+        lambda p: _reference_loss(p, ref, pairs, kind, smoothing), has_aux=True))(policy)
     assert float(sums["count"]) == 3
     assert int(sums["correct"]) == int(want_correct)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
@@ -118,12 +129,12 @@ def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks):
 def test_dpo_against_itself_is_log2_and_a_pair_without_a_rejected_reply_is_not_counted():
     pairs = _pairs(np.random.default_rng(1))
     p = _params(0)
-    sums = ts.dpo_sums(ts.graphdef_of(CFG), p, p, _packed(pairs), "float32", BETA)
+    sums = ts.dpo_sums(ts.graphdef_of(CFG), p, p, _packed(pairs), "float32", ts.DPOLoss(BETA))
     np.testing.assert_allclose(float(sums["loss"]), 3 * np.log(2.0), rtol=1e-6)
     assert float(sums["correct"]) == 0
     c, ct, r, rt = pairs[2]
     pairs[2] = (c, ct, r, np.zeros_like(rt))  # row 1's pair: nothing of the rejected side is trained
-    sums = ts.dpo_sums(ts.graphdef_of(CFG), p, p, _packed(pairs), "float32", BETA)
+    sums = ts.dpo_sums(ts.graphdef_of(CFG), p, p, _packed(pairs), "float32", ts.DPOLoss(BETA))
     assert float(sums["count"]) == 2
 
 
@@ -132,7 +143,7 @@ def _dpo_fns(grad_accum=1, compute_dtype="float32", loss_chunks=1):
     params = ts.split_model(abstract_model(CFG))[1]
     tx, _ = optim.make_optimizer(params, lr=3e-3, steps=100, warmup_steps=0, weight_decay=0.0)
     fns = ts.build(CFG, tx, mesh, compute_dtype=compute_dtype, grad_accum=grad_accum, objective="dpo",
-                   dpo_beta=BETA, loss_chunks=loss_chunks)
+                   dpo=ts.DPOLoss(BETA), loss_chunks=loss_chunks)
     return fns, tx, mesh
 
 
@@ -188,10 +199,17 @@ def test_objective_config_errors():
     from phi3_jax import train_config as tcfg
     from tests.train_helpers import load_config
 
-    for field, value, words in (("objective", "ppo", "must be 'lm' or 'dpo'"), ("dpo_beta", 0.0, "must be > 0")):
+    for fields, words in (({"objective": "ppo"}, r"objective='ppo': must be 'lm' or 'dpo'"),
+                          ({"dpo_beta": 0.0}, r"dpo_beta=0.0: must be > 0"),
+                          ({"dpo_loss": "kto"}, r"dpo_loss='kto': must be one of sigmoid, ipo, hinge"),
+                          ({"dpo_label_smoothing": 0.5}, r"dpo_label_smoothing=0.5: must be in \[0, 0.5\)"),
+                          ({"dpo_loss": "ipo", "dpo_label_smoothing": 0.1},
+                           r"dpo_label_smoothing=0.1: applies to dpo_loss='sigmoid' only \(it is 'ipo'\)")):
         c = load_config()
-        c.train[field] = value
-        with pytest.raises(tcfg.ConfigError, match=words):
+        c.train.update(fields)
+        with pytest.raises(tcfg.ConfigError, match=r"config\.train\." + words):
             tcfg.validate(c)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ts.DPOLoss(BETA, "hinge", 0.1)
     with pytest.raises(ValueError, match="objective"):
         ts.make_train_step(ts.graphdef_of(CFG), optax.sgd(0.1), objective="ppo")
