@@ -151,9 +151,9 @@ class DPOLoss:
 
     def per_pair(self, margin_BP):
         """float32 loss of each pair from its margin (in the loss's own r: summed, or averaged for "ipo")."""
-        z_BP = self.beta * margin_BP
         if self.kind == "ipo":
             return jnp.square(margin_BP - 1.0 / (2.0 * self.beta))
+        z_BP = self.beta * margin_BP
         if self.kind == "hinge":
             return jax.nn.relu(1.0 - z_BP)
         eps = self.label_smoothing
