@@ -30,6 +30,8 @@ from phi3_jax import sharding as shd
 from phi3_jax import train_config as tcfg
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+# A DPO step's metrics beside the loss, averaged over the steps of a log row (see train_state.dpo_sums).
+DPO_STEP_METRICS = ("accuracy", "reward_chosen", "reward_rejected")
 
 
 class TrainingError(RuntimeError):
@@ -221,17 +223,19 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
             evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in held_out]
 
     def evaluate() -> dict[str, float]:
-        """{"eval_loss"} (+ "eval_accuracy" for DPO: the share of held-out pairs ranked right) over `evals`."""
+        """{"eval_loss"} (+ for DPO "eval_accuracy", the share of held-out pairs ranked right, and
+        "eval_reward_chosen" / "eval_reward_rejected", the mean implicit rewards) over `evals`."""
         sums = jax.device_get([fns.eval_step(state, b) for b in evals])
         total = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
         n = max(total["count"], 1.0)
         out = {"eval_loss": total["loss"] / n}
         if "correct" in total:
             out["eval_accuracy"] = total["correct"] / n
+            out.update({f"eval_{k}": total[k] / n for k in DPO_STEP_METRICS[1:]})
         return out
 
     losses: dict[int, float] = {}
-    window = {"loss": 0.0, "n": 0, "gn": 0.0, "acc": 0.0, "t0": None, "tokens": 0}
+    window = {"loss": 0.0, "n": 0, "gn": 0.0, "t0": None, "tokens": 0, **{k: 0.0 for k in DPO_STEP_METRICS}}
     tokens_per_step = t.batch_size * t.seq_len
     status, last_saved, evaluated = "done", start, {}
     data_state = feed.get_state()
@@ -243,7 +247,8 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         if finite:
             window["loss"] += loss
             window["gn"] += float(m["grad_norm"])
-            window["acc"] += float(m.get("accuracy", 0.0))
+            for k in DPO_STEP_METRICS:
+                window[k] += float(m.get(k, 0.0))
             window["n"] += 1
         window["tokens"] += tokens_per_step
         if int(m["nonfinite_run"]) >= t.max_nonfinite_in_a_row:
@@ -262,12 +267,13 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    "grad_norm": window["gn"] / window["n"] if window["n"] else float(m["grad_norm"]),
                    "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
                    "skipped": int(m["skipped"])}
-            if "accuracy" in m:  # DPO: pairs whose chosen reply the policy already prefers, before the update
-                row["accuracy"] = window["acc"] / window["n"] if window["n"] else float(m["accuracy"])
+            for k in DPO_STEP_METRICS:  # DPO, before each update: pairs ranked right, the mean implicit rewards
+                if k in m:
+                    row[k] = window[k] / window["n"] if window["n"] else float(m[k])
             writer.write(step, row)
             logged["loss"], logged["n"] = row["loss"], window["n"]
             writer.progress(step, loss=row["loss"], **({"tok/s": f"{tps:,.0f}"} if tps else {}))
-            window.update(loss=0.0, n=0, gn=0.0, acc=0.0, t0=now, tokens=0)
+            window.update(loss=0.0, n=0, gn=0.0, t0=now, tokens=0, **{k: 0.0 for k in DPO_STEP_METRICS})
         if first:
             # The next step is already in flight (dispatched before this one was read) and may have finished
             # during this call: its tokens do not count against the time from here.

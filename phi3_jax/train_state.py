@@ -54,6 +54,8 @@ from phi3_jax.train_config import DPO_LOSSES
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 OBJECTIVES = ("lm", "dpo")
+# The float32 sums each objective's step adds up over a batch (and its microbatches); the loss is loss / count.
+SUM_KEYS = {"lm": ("loss", "count"), "dpo": ("loss", "count", "correct", "reward_chosen", "reward_rejected")}
 
 
 def split_model(model: Decoder):
@@ -164,9 +166,10 @@ class DPOLoss:
 def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, loss: DPOLoss, impl: str | None = None,
              dropout_keys_B=None, loss_chunks: int = 1) -> dict:
     """{"loss": sum over pairs of `loss.per_pair(margin)`, "count": pairs, "correct": pairs with a positive
-    margin} for a batch of pair rows (see the module docstring); `ref_params` as `compute_params` gives
-    them. A pair counts when both conversations have trained tokens. `loss_chunks` as in `loss_sums`, for the
-    policy's and the reference's heads."""
+    margin, "reward_chosen" / "reward_rejected": sums of beta r (TRL's implicit rewards)} for a batch of pair
+    rows (see the module docstring); `ref_params` as `compute_params` gives them. A pair counts when both
+    conversations have trained tokens. `loss_chunks` as in `loss_sums`, for the policy's and the reference's
+    heads."""
     inputs_BT, targets_BT, seg_BT = batch["inputs"], batch["targets"], batch["segment_ids"]
     kw = dict(positions_BT=batch.get("positions"), segment_ids_BT=seg_BT, impl=impl, chunks=loss_chunks)
     nll_BT = nnx.merge(graphdef, compute_params(params, compute_dtype)).token_nll(
@@ -190,13 +193,15 @@ def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, loss: DPO
     # Padding (pair 0) has no trained token, so it is never valid.
     valid_BP = ((n_chosen_BP > 0) & (n_rejected_BP > 0)).astype(jnp.float32)
     return {"loss": jnp.sum(loss.per_pair(margin_BP) * valid_BP), "count": jnp.sum(valid_BP),
-            "correct": jnp.sum((margin_BP > 0) * valid_BP)}
+            "correct": jnp.sum((margin_BP > 0) * valid_BP),
+            "reward_chosen": jax.lax.stop_gradient(loss.beta * jnp.sum(r_chosen_BP * valid_BP)),
+            "reward_rejected": jax.lax.stop_gradient(loss.beta * jnp.sum(r_rejected_BP * valid_BP))}
 
 
 def objective_sums(objective: str, graphdef, weights, ref_params, batch: dict, compute_dtype, *, impl=None,
                    loss_chunks: int = 1, dpo: DPOLoss = DPOLoss(), dropout_keys_B=None) -> dict:
-    """The objective's sums for one (micro)batch: {"loss", "count"} (+ "correct" for DPO), float32
-    scalars; the loss is their ratio."""
+    """The objective's sums for one (micro)batch (SUM_KEYS[objective]), float32 scalars; the loss is
+    loss / count."""
     if objective == "dpo":
         return dpo_sums(graphdef, weights, ref_params, batch, compute_dtype, dpo, impl, dropout_keys_B, loss_chunks)
     s, n = loss_sums(graphdef, weights, batch, compute_dtype, impl, loss_chunks, dropout_keys_B)
@@ -232,7 +237,7 @@ def _microbatches(batch: dict, n: int) -> dict:
 @dataclasses.dataclass(frozen=True)
 class StepFns:
     train_step: Callable  # (state, batch) -> (state, metrics); jitted, state donated
-    eval_step: Callable  # (state, batch) -> {"loss", "count"(, "correct")} sums; jitted
+    eval_step: Callable  # (state, batch) -> the objective's sums (SUM_KEYS); jitted
     init: Callable  # (seed) -> state; jitted with out_shardings
     state_shardings: Any
     batch_sharding: Any
@@ -273,7 +278,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
             return (jax.tree.map(jnp.add, sums_acc, sums), jax.tree.map(jnp.add, g_acc, master(g))), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        zero_sums = {k: jnp.float32(0) for k in ("loss", "count") + (("correct",) if objective == "dpo" else ())}
+        zero_sums = {k: jnp.float32(0) for k in SUM_KEYS[objective]}
         (sums, g), _ = jax.lax.scan(body, (zero_sums, zeros), mbs)
         return sums, g
 
@@ -314,6 +319,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
                    "nonfinite_run": new_state["nonfinite_run"], "skipped": new_state["skipped"]}
         if "correct" in sums:  # DPO: the share of pairs the policy already ranks right (before this update)
             metrics["accuracy"] = sums["correct"] / denom
+            for k in ("reward_chosen", "reward_rejected"):  # means over the pairs, before this update
+                metrics[k] = sums[k] / denom
         return new_state, metrics
 
     return shd.with_activation_sharding(train_step, mesh, rules)
@@ -321,7 +328,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, compute_dtype
 
 def make_eval_step(graphdef, *, compute_dtype="float32", impl: str | None = None, mesh=None, loss_chunks: int = 1,
                    rules=None, objective: str = "lm", dpo: DPOLoss = DPOLoss()):
-    """(state, batch) -> the objective's sums ({"loss", "count"}, + "correct" for DPO); with `mesh`,
+    """(state, batch) -> the objective's sums (SUM_KEYS[objective]); with `mesh`,
     activation constraints as in `make_train_step`."""
     def eval_step(state, batch):
         return objective_sums(objective, graphdef, state["params"], state.get("ref_params"), batch, compute_dtype,

@@ -97,7 +97,7 @@ def _reference_loss(params, ref, pairs, kind="sigmoid", smoothing=0.0):
         losses = jax.nn.relu(1 - BETA * m)
     else:
         losses = -jax.nn.log_sigmoid(BETA * m) * (1 - smoothing) - jax.nn.log_sigmoid(-BETA * m) * smoothing
-    return jnp.sum(losses), jnp.sum(m > 0)
+    return jnp.sum(losses), (jnp.sum(m > 0), BETA * jnp.sum(ratio, axis=0))
 
 
 def _params(seed):
@@ -118,8 +118,10 @@ def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks, kin
         return sums["loss"], sums
 
     (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(policy)
-    (want_loss, want_correct), want_grads = jax.jit(jax.value_and_grad(
+    (want_loss, (want_correct, want_rewards)), want_grads = jax.jit(jax.value_and_grad(
         lambda p: _reference_loss(p, ref, pairs, kind, smoothing), has_aux=True))(policy)
+    np.testing.assert_allclose([float(sums["reward_chosen"]), float(sums["reward_rejected"])], want_rewards,
+                               rtol=1e-4, atol=1e-6)
     assert float(sums["count"]) == 3
     assert int(sums["correct"]) == int(want_correct)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
