@@ -270,7 +270,7 @@ def compile_train_step(config, topology: str | Topology, *, hbm_gib: float | Non
     tx, _ = optim.make_optimizer_from_config(params, t)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
                    loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel,
-                   objective=t.objective, dpo=ts.DPOLoss(t.dpo_beta, t.dpo_loss, t.dpo_label_smoothing))
+                   objective=t.objective, dpo=ts.DPOLoss.from_config(t))
 
     batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), BATCH_DTYPES[k], sharding=fns.batch_sharding)
              for k in ts.BATCH_KEYS}

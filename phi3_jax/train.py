@@ -151,7 +151,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                                                     wd_multipliers=wd_multipliers)
     fns = ts.build(model_cfg, tx, mesh, compute_dtype=r.precision["compute_dtype"], grad_accum=t.grad_accum,
                    loss_chunks=t.loss_chunks, seed=t.seed, sequence_parallel=r.sequence_parallel,
-                   objective=t.objective, dpo=ts.DPOLoss(t.dpo_beta, t.dpo_loss, t.dpo_label_smoothing))
+                   objective=t.objective, dpo=ts.DPOLoss.from_config(t))
     lr_at = jax.jit(schedule)
 
     # ---- state: resume, init_from, or fresh ----

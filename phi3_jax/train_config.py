@@ -24,7 +24,7 @@ Sections:
              preference optimisation on preference pairs, against the weights the run starts from; the data
              sources then give pairs, see phi3_jax.data), dpo_beta (DPO's beta > 0), dpo_loss ("sigmoid":
              DPO; "ipo"; "hinge": train_state.DPOLoss), dpo_label_smoothing (in [0, 0.5), sigmoid only:
-             conservative DPO).
+             conservative DPO), dpo_rpo_alpha (>= 0: weight of the chosen reply's NLL per token, RPO).
   mesh       data, fsdp, tensor, expert: sizes of the device mesh axes (-1: the remaining devices);
              sequence_parallel (bool): with tensor > 1, the residual stream between the tensor-parallel
              matmuls split over `tensor` by sequence (Megatron sequence parallelism; sharding.SEQUENCE_PARALLEL).
@@ -60,7 +60,7 @@ def train_defaults() -> dict[str, Any]:
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
         log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
         max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
-        objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0,
+        objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0, dpo_rpo_alpha=0.0,
     )
 
 
@@ -246,6 +246,8 @@ def validate(config) -> Resolved:
     smoothing = train["dpo_label_smoothing"]
     if not 0.0 <= smoothing < 0.5:
         raise ConfigError(f"config.train.dpo_label_smoothing={smoothing}: must be in [0, 0.5)")
+    if not train["dpo_rpo_alpha"] >= 0:
+        raise ConfigError(f"config.train.dpo_rpo_alpha={train['dpo_rpo_alpha']}: must be >= 0")
     if smoothing and train["dpo_loss"] != "sigmoid":
         raise ConfigError(f"config.train.dpo_label_smoothing={smoothing}: applies to dpo_loss='sigmoid' only "
                           f"(it is {train['dpo_loss']!r})")

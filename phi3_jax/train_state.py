@@ -33,7 +33,7 @@ log p_ref summed over each conversation's trained tokens, the loss is -log sigmo
 r_rejected)) averaged over the pairs of the global batch; `correct` counts pairs whose margin is positive.
 `DPOLoss` also gives TRL's other losses on the same margin: "ipo" ((m - 1 / (2 beta))^2, with r averaged
 over each conversation's trained tokens, as TRL does for IPO), "hinge" (relu(1 - beta m)), and conservative
-DPO's label smoothing of the sigmoid loss.
+DPO's label smoothing of the sigmoid loss; `rpo_alpha` adds RPO's negative log-likelihood of the chosen reply.
 The per-token log-probabilities come from the head as one op too, `loss_chunks` slices at a time.
 """
 from __future__ import annotations
@@ -137,10 +137,14 @@ class DPOLoss:
     """The per-pair loss on the margin m = (r_chosen - r_rejected), r = log p_policy - log p_ref:
     "sigmoid" -(1 - label_smoothing) log sigmoid(beta m) - label_smoothing log sigmoid(-beta m) (DPO; with
     label_smoothing > 0 conservative DPO, for preference labels flipped with that probability), "ipo"
-    (m - 1 / (2 beta))^2 with each r averaged over its conversation's trained tokens, "hinge" relu(1 - beta m)."""
+    (m - 1 / (2 beta))^2 with each r averaged over its conversation's trained tokens, "hinge" relu(1 - beta m).
+    `rpo_alpha` > 0 adds rpo_alpha x the chosen conversation's NLL per trained token (RPO, arXiv 2404.19733,
+    eq. 2; TRL's rpo_alpha averages over all chosen tokens of the batch instead), which keeps the chosen
+    reply likely where DPO alone lowers both replies' likelihoods."""
     beta: float = 0.1
     kind: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
 
     def __post_init__(self):
         if self.kind not in DPO_LOSSES:
@@ -150,6 +154,13 @@ class DPOLoss:
         if not 0.0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.kind != "sigmoid"):
             raise ValueError(f"DPO label_smoothing {self.label_smoothing}: must be in [0, 0.5), and 0 unless the "
                              f"loss is 'sigmoid' (it is {self.kind!r})")
+        if not self.rpo_alpha >= 0:
+            raise ValueError(f"DPO rpo_alpha {self.rpo_alpha}: must be >= 0")
+
+    @classmethod
+    def from_config(cls, train) -> "DPOLoss":
+        """From a config's train section (train.dpo_beta, dpo_loss, dpo_label_smoothing, dpo_rpo_alpha)."""
+        return cls(train.dpo_beta, train.dpo_loss, train.dpo_label_smoothing, train.dpo_rpo_alpha)
 
     def per_pair(self, margin_BP):
         """float32 loss of each pair from its margin (in the loss's own r: summed, or averaged for "ipo")."""
@@ -190,9 +201,12 @@ def dpo_sums(graphdef, params, ref_params, batch: dict, compute_dtype, loss: DPO
         r_chosen_BP = r_chosen_BP / jnp.maximum(n_chosen_BP, 1.0)
         r_rejected_BP = r_rejected_BP / jnp.maximum(n_rejected_BP, 1.0)
     margin_BP = r_chosen_BP - r_rejected_BP
+    loss_BP = loss.per_pair(margin_BP)
+    if loss.rpo_alpha:
+        loss_BP += loss.rpo_alpha * per_pair(nll_BT * mask_BT * chosen_BT) / jnp.maximum(n_chosen_BP, 1.0)
     # Padding (pair 0) has no trained token, so it is never valid.
     valid_BP = ((n_chosen_BP > 0) & (n_rejected_BP > 0)).astype(jnp.float32)
-    return {"loss": jnp.sum(loss.per_pair(margin_BP) * valid_BP), "count": jnp.sum(valid_BP),
+    return {"loss": jnp.sum(loss_BP * valid_BP), "count": jnp.sum(valid_BP),
             "correct": jnp.sum((margin_BP > 0) * valid_BP),
             "reward_chosen": jax.lax.stop_gradient(loss.beta * jnp.sum(r_chosen_BP * valid_BP)),
             "reward_rejected": jax.lax.stop_gradient(loss.beta * jnp.sum(r_rejected_BP * valid_BP))}

@@ -87,8 +87,9 @@ def _logps(params, pairs, average=False):
     return (logp / trained[:, 1:].sum(1) if average else logp).reshape(-1, 2)
 
 
-def _reference_loss(params, ref, pairs, kind="sigmoid", smoothing=0.0):
-    """The losses as TRL writes them, from the unpacked conversations' log-probabilities."""
+def _reference_loss(params, ref, pairs, kind="sigmoid", smoothing=0.0, rpo=0.0):
+    """The losses as TRL writes them (RPO's term per sequence, as its paper does), from the unpacked
+    conversations' log-probabilities."""
     ratio = _logps(params, pairs, kind == "ipo") - _logps(ref, pairs, kind == "ipo")
     m = ratio[:, 0] - ratio[:, 1]
     if kind == "ipo":
@@ -97,6 +98,7 @@ def _reference_loss(params, ref, pairs, kind="sigmoid", smoothing=0.0):
         losses = jax.nn.relu(1 - BETA * m)
     else:
         losses = -jax.nn.log_sigmoid(BETA * m) * (1 - smoothing) - jax.nn.log_sigmoid(-BETA * m) * smoothing
+    losses = losses - rpo * _logps(params, pairs, average=True)[:, 0]
     return jnp.sum(losses), (jnp.sum(m > 0), BETA * jnp.sum(ratio, axis=0))
 
 
@@ -104,14 +106,15 @@ def _params(seed):
     return nnx.split(init_model(CFG, seed), nnx.Param)[1].to_pure_dict()
 
 
-@pytest.mark.parametrize("loss_chunks,kind,smoothing", [(1, "sigmoid", 0.0), (3, "sigmoid", 0.0),
-                                                       (1, "sigmoid", 0.2), (1, "ipo", 0.0), (1, "hinge", 0.0)])
-def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks, kind, smoothing):
+@pytest.mark.parametrize("loss_chunks,kind,smoothing,rpo", [(1, "sigmoid", 0.0, 0.0), (3, "sigmoid", 0.0, 0.0),
+                                                           (1, "sigmoid", 0.2, 0.0), (1, "ipo", 0.0, 0.0),
+                                                           (1, "hinge", 0.0, 0.0), (1, "sigmoid", 0.0, 0.5)])
+def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks, kind, smoothing, rpo):
     pairs = _pairs(np.random.default_rng(0))
     policy, ref = _params(0), _params(1)
     batch = _packed(pairs)
     graphdef = ts.graphdef_of(CFG)
-    loss_fn = ts.DPOLoss(BETA, kind, smoothing)
+    loss_fn = ts.DPOLoss(BETA, kind, smoothing, rpo)
 
     def packed_loss(p):
         sums = ts.dpo_sums(graphdef, p, ref, batch, "float32", loss_fn, loss_chunks=loss_chunks)
@@ -119,7 +122,7 @@ def test_dpo_sums_match_unpacked_conversations_values_and_grads(loss_chunks, kin
 
     (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(policy)
     (want_loss, (want_correct, want_rewards)), want_grads = jax.jit(jax.value_and_grad(
-        lambda p: _reference_loss(p, ref, pairs, kind, smoothing), has_aux=True))(policy)
+        lambda p: _reference_loss(p, ref, pairs, kind, smoothing, rpo), has_aux=True))(policy)
     np.testing.assert_allclose([float(sums["reward_chosen"]), float(sums["reward_rejected"])], want_rewards,
                                rtol=1e-4, atol=1e-6)
     assert float(sums["count"]) == 3
@@ -205,6 +208,7 @@ def test_objective_config_errors():
                           ({"dpo_beta": 0.0}, r"dpo_beta=0.0: must be > 0"),
                           ({"dpo_loss": "kto"}, r"dpo_loss='kto': must be one of sigmoid, ipo, hinge"),
                           ({"dpo_label_smoothing": 0.5}, r"dpo_label_smoothing=0.5: must be in \[0, 0.5\)"),
+                          ({"dpo_rpo_alpha": -1.0}, r"dpo_rpo_alpha=-1.0: must be >= 0"),
                           ({"dpo_loss": "ipo", "dpo_label_smoothing": 0.1},
                            r"dpo_label_smoothing=0.1: applies to dpo_loss='sigmoid' only \(it is 'ipo'\)")):
         c = load_config()
