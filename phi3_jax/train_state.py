@@ -138,8 +138,8 @@ class DPOLoss:
     "sigmoid" -(1 - label_smoothing) log sigmoid(beta m) - label_smoothing log sigmoid(-beta m) (DPO; with
     label_smoothing > 0 conservative DPO, for preference labels flipped with that probability), "ipo"
     (m - 1 / (2 beta))^2 with each r averaged over its conversation's trained tokens, "hinge" relu(1 - beta m).
-    `rpo_alpha` > 0 adds rpo_alpha x the chosen conversation's NLL per trained token (RPO, arXiv 2404.19733,
-    eq. 2; TRL's rpo_alpha averages over all chosen tokens of the batch instead), which keeps the chosen
+    `rpo_alpha` > 0 adds rpo_alpha x the chosen conversation's NLL per trained token (RPO, arXiv 2404.19733;
+    TRL's rpo_alpha averages over all chosen tokens of the batch instead), which keeps the chosen
     reply likely where DPO alone lowers both replies' likelihoods."""
     beta: float = 0.1
     kind: str = "sigmoid"
