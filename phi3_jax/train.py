@@ -231,7 +231,7 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
         out = {"eval_loss": total["loss"] / n}
         if "correct" in total:
             out["eval_accuracy"] = total["correct"] / n
-            out.update({f"eval_{k}": total[k] / n for k in DPO_STEP_METRICS[1:]})
+            out.update({f"eval_{k}": total[k] / n for k in ("reward_chosen", "reward_rejected")})
         return out
 
     losses: dict[int, float] = {}
