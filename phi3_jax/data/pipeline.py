@@ -198,6 +198,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
     corpus = _Corpus(spec, pairs)
     index = {s.name: i for i, s in enumerate(spec.sources)}
     tok = (TokenizePair if pairs else Tokenize)(tokenizer, add_bos=spec.add_bos)
+    truncate_pairs = spec.pair_overflow == "truncate_prompt"
     local_batch = global_batch_size // process_count
 
     def rows(s: SourceSpec, docs: grain.MapDataset, pack_seed: int, method: str):
@@ -205,7 +206,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
         tokens = docs.map(tok).to_iter_dataset(_read_options(spec))
         if pairs:
             return pack_pairs(tokens, seq_len, tokenizer.pad_id, num_bins=spec.first_fit_bins, seed=pack_seed,
-                              extra=extra, truncate=spec.pair_overflow == "truncate_prompt", bos_id=tokenizer.bos_id)
+                              extra=extra, truncate=truncate_pairs, bos_id=tokenizer.bos_id)
         return pack(tokens, seq_len, tokenizer.pad_id, method=method, num_bins=spec.first_fit_bins,
                     seed=pack_seed, extra=extra, align=align)
 
@@ -229,7 +230,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
             if len(docs) == 0:
                 raise DataError(f"source {name!r} has fewer training documents than processes ({process_count})")
             if pairs:
-                _check_pairs_fit(name, docs, tok, seq_len + 1, spec.pair_overflow == "truncate_prompt")
+                _check_pairs_fit(name, docs, tok, seq_len + 1, truncate_pairs)
             if spec.shuffle:
                 docs = docs.shuffle(derive_seed(seed, pi, index[name]))
             streams.append(rows(s, docs.repeat(), derive_seed(seed, pi, index[name], 1), spec.packing))

@@ -126,13 +126,20 @@ def _row_logsumexp(raw_BTV, logits_BTV, plain: bool):
     return _logsumexp(logits_BTV, "one_read" if form == "kernel" else form)
 
 
-def _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids):
-    """(float32 logits, masked sum of logsumexp - target logit, the logsumexp [B, T]) from the head matmul's
-    output."""
+def _nll_from_raw(raw_BTV, targets_BT, divisor, dummy_ids):
+    """(float32 logits, logsumexp [B, T], per-token cross-entropy logsumexp - target logit [B, T]) from the
+    head matmul's output."""
     logits_BTV = _float_logits(raw_BTV, divisor, dummy_ids)
     lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return logits_BTV, jnp.sum((lse_BT - target_BT) * mask_BT), lse_BT
+    return logits_BTV, lse_BT, lse_BT - target_BT
+
+
+def _loss_and_lse(raw_BTV, targets_BT, mask_BT, divisor, dummy_ids):
+    """(float32 logits, masked sum of logsumexp - target logit, the logsumexp [B, T]) from the head matmul's
+    output."""
+    logits_BTV, lse_BT, nll_BT = _nll_from_raw(raw_BTV, targets_BT, divisor, dummy_ids)
+    return logits_BTV, jnp.sum(nll_BT * mask_BT), lse_BT
 
 
 def _loss_and_dlogits(x_BTD, w_DV, targets_BT, mask_BT, divisor, dummy_ids):
@@ -226,12 +233,8 @@ _head_loss.defvjp(_fwd, _bwd)
 
 
 def _nll_parts(x_BTD, w_DV, targets_BT, divisor, dummy_ids):
-    """(float32 logits, logsumexp [B, T], per-token cross-entropy [B, T]) for one chunk."""
-    raw_BTV = _matmul_logits(x_BTD, w_DV)
-    logits_BTV = _float_logits(raw_BTV, divisor, dummy_ids)
-    lse_BT = _row_logsumexp(raw_BTV, logits_BTV, plain=divisor == 1.0 and not dummy_ids)
-    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return logits_BTV, lse_BT, lse_BT - target_BT
+    """`_nll_from_raw` of one chunk's head matmul."""
+    return _nll_from_raw(_matmul_logits(x_BTD, w_DV), targets_BT, divisor, dummy_ids)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
