@@ -347,12 +347,20 @@ class TrainCheckpointer:
     """Saves and restores training state under WORKDIR/checkpoints with the model-checkpoint layout."""
 
     def __init__(self, workdir: str | os.PathLike, *, keep_last: int = 2, keep_every: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
+        """read_only: `workdir` is a checkpoints folder itself, to restore from only (another run's, to branch
+        from); do not save through it."""
         import orbax.checkpoint as ocp
 
-        self.directory = Path(workdir).absolute() / WORKDIR_CHECKPOINTS
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None, create=True,
-                                               enable_async_checkpointing=async_save)
+        self.read_only = read_only
+        if read_only:
+            self.directory = Path(workdir).absolute()
+            # Not orbax's read_only option, which logs two warnings; this manager never saves or deletes.
+            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+        else:
+            self.directory = Path(workdir).absolute() / WORKDIR_CHECKPOINTS
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, keep_period=keep_every or None,
+                                                   create=True, enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
     def latest_step(self) -> int | None:
@@ -364,6 +372,8 @@ class TrainCheckpointer:
         import orbax.checkpoint as ocp
         from grain.checkpoint import CheckpointSave
 
+        if self.read_only:
+            raise ValueError(f"{self.directory}: opened read_only, to restore from")
         rest = {k: v for k, v in state.items() if k not in ("params", COMPUTE_COPY)}
         self._mngr.save(int(step), force=True, args=ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state["params"]),

@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine/linear decay, global-norm clipping and per-parameter multipliers.
+"""AdamW with warmup + cosine / linear / 1-sqrt decay (after a stable phase, if asked), global-norm clipping
+and per-parameter multipliers.
 
 The update for a parameter p with gradient g (after clipping) is
 
@@ -8,10 +9,12 @@ which with every multiplier 1 is exactly `optax.adamw` (decoupled weight decay s
 rate, as in PyTorch's AdamW). `t` counts *applied* updates: a step skipped for a non-finite loss or
 gradient leaves the optimizer state, and so the schedule position, unchanged.
 
-Multipliers are the hook for muP's per-parameter learning rates and decay (`phi3_jax.train.run` takes
-them as `lr_multipliers` / `wd_multipliers`): each is given as a
-callable `path -> float` (path like "layers/self_attn/qkv_proj/kernel") or a list of (regex, value) pairs,
-first match wins, default 1.0.
+Multipliers are given as a callable `path -> float` (path like "layers/self_attn/qkv_proj/kernel") or a
+list of (regex, value) pairs, first match wins (`re.search`), default 1.0. A training config sets the pairs
+as `train.lr_mults` / `train.wd_mults` (`make_optimizer_from_config` refuses a pair that applies to no
+parameter, so a mistyped pattern cannot pass silently); `phi3_jax.train.run(lr_multipliers=,
+wd_multipliers=)` takes either form in their place (the hook for muP's per-parameter learning rates).
+Layers are stacked for the scan over depth, so a rule applies to a weight in every layer at once.
 
 Default weight-decay multipliers (`DEFAULT_WD_RULES`): 0 for norm scales and biases (any path ending in
 "scale" or "bias") and for the token embedding ("embed_tokens"); 1 for every matmul kernel, the untied
@@ -23,13 +26,16 @@ Gradient accumulation is not done here: the train step scans over microbatches i
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from phi3_jax.model.config import ConfigError
 from phi3_jax.sharding import path_str
 
 Multipliers = Callable[[str], float] | Sequence[tuple[str, float]] | None
@@ -40,25 +46,44 @@ DEFAULT_WD_RULES: list[tuple[str, float]] = [
 ]
 
 
+SCHEDULES = ("cosine", "linear", "sqrt", "constant")
+
+
 def make_schedule(lr: float, steps: int, warmup_steps: int, schedule: str = "cosine",
-                  min_lr_ratio: float = 0.1) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over warmup_steps, then cosine or linear decay to lr * min_lr_ratio
-    at `steps`; constant afterwards. schedule="constant" keeps `lr` after warmup."""
+                  min_lr_ratio: float = 0.1, decay_steps: int = 0) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over warmup_steps, then a decay to lr * min_lr_ratio at `steps`, constant
+    afterwards: "cosine", "linear", or "sqrt" (1 - sqrt of the decay's progress, the cooldown of
+    warmup-stable-decay runs, arXiv 2405.18392); "constant" keeps `lr` after warmup.
+
+    decay_steps > 0 decays over the last decay_steps steps only and holds `lr` between the warmup and them
+    (warmup-stable-decay): the learning rate before the decay does not depend on `steps`, so a run resumed
+    with a larger train.steps before its decay began continues as if it had been set from the start.
+    decay_steps = 0 decays over every step after the warmup."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
     warmup_steps = max(0, min(int(warmup_steps), int(steps)))
-    decay_steps = max(1, int(steps) - warmup_steps)
+    after_warmup = max(1, int(steps) - warmup_steps)
+    decay_steps = min(int(decay_steps), after_warmup) if decay_steps else after_warmup
     end = lr * min_lr_ratio
     if schedule == "cosine":
         decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
     elif schedule == "linear":
         decay = optax.linear_schedule(lr, end, decay_steps)
-    elif schedule == "constant":
-        decay = optax.constant_schedule(lr)
+    elif schedule == "sqrt":
+        def decay(count):
+            done = jnp.clip(count / decay_steps, 0.0, 1.0)
+            return end + (lr - end) * (1.0 - jnp.sqrt(done))
     else:
-        raise ValueError(f"train.schedule={schedule!r}: must be 'cosine', 'linear' or 'constant'")
-    if warmup_steps == 0:
-        return decay
-    warm = optax.linear_schedule(0.0, lr, warmup_steps)
-    return optax.join_schedules([warm, decay], [warmup_steps])
+        decay = optax.constant_schedule(lr)
+    pieces, lengths = [], []
+    if warmup_steps:
+        pieces.append(optax.linear_schedule(0.0, lr, warmup_steps))
+        lengths.append(warmup_steps)
+    if schedule != "constant" and decay_steps < after_warmup:
+        pieces.append(optax.constant_schedule(lr))
+        lengths.append(after_warmup - decay_steps)
+    pieces.append(decay)
+    return optax.join_schedules(pieces, list(np.cumsum(lengths))) if lengths else decay
 
 
 def _as_fn(mult: Multipliers, default_rules: Sequence[tuple[str, float]] = ()) -> Callable[[str], float]:
@@ -80,6 +105,38 @@ def multiplier_tree(params, mult: Multipliers, default_rules: Sequence[tuple[str
     """A pytree of Python floats, one per parameter, from a multiplier spec."""
     fn = _as_fn(mult, default_rules)
     return jax.tree_util.tree_map_with_path(lambda path, _: float(fn(path_str(path))), params)
+
+
+def rule_coverage(params, rules: Sequence[tuple[str, float]]) -> list[tuple[int, int]]:
+    """(tensors, elements) that each (regex, value) rule applies to, first match wins."""
+    compiled = [re.compile(p) for p, _ in rules]
+    cover = [[0, 0] for _ in rules]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(path)
+        for i, pattern in enumerate(compiled):
+            if pattern.search(name):
+                cover[i][0] += 1
+                cover[i][1] += math.prod(leaf.shape)
+                break
+    return [tuple(c) for c in cover]
+
+
+def check_rules(params, rules: Sequence[tuple[str, float]], where: str) -> list[tuple[int, int]]:
+    """rule_coverage, raising ConfigError for a rule that applies to no parameter (a mistyped pattern, or one
+    that an earlier rule shadows)."""
+    cover = rule_coverage(params, rules)
+    for i, ((pattern, value), (tensors, _)) in enumerate(zip(rules, cover)):
+        if not tensors:
+            names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            raise ConfigError(f"{where}[{i}]=({pattern!r}, {value}): applies to no parameter (rules are tried in "
+                              f"order with re.search, the first match wins); the parameters are: {', '.join(names)}")
+    return cover
+
+
+def describe_rules(rules: Sequence[tuple[str, float]], cover: Sequence[tuple[int, int]]) -> str:
+    """"'mlp/' x0.5 (2 tensors, 49,152 parameters)" for each rule, joined by '; '."""
+    return "; ".join(f"{pattern!r} x{value:g} ({tensors} tensor{'s' * (tensors != 1)}, {elements:,} parameters)"
+                     for (pattern, value), (tensors, elements) in zip(rules, cover))
 
 
 def _scale_by_tree(tree) -> optax.GradientTransformation:
@@ -115,15 +172,15 @@ def _decayed_weights(weight_decay: float, tree) -> optax.GradientTransformation:
 
 
 def make_optimizer(params, *, lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-                   min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8, clip_norm: float = 1.0, lr_multipliers: Multipliers = None,
+                   min_lr_ratio: float = 0.1, decay_steps: int = 0, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float = 1.0, lr_multipliers: Multipliers = None,
                    wd_multipliers: Multipliers = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule) for a parameter pytree (arrays or ShapeDtypeStructs; only paths are read).
 
     lr_multipliers default to 1 everywhere; wd_multipliers default to DEFAULT_WD_RULES.
     clip_norm <= 0 disables clipping.
     """
-    sched = make_schedule(lr, steps, warmup_steps, schedule, min_lr_ratio)
+    sched = make_schedule(lr, steps, warmup_steps, schedule, min_lr_ratio, decay_steps)
     lr_tree = multiplier_tree(params, lr_multipliers)
     wd_tree = multiplier_tree(params, wd_multipliers, DEFAULT_WD_RULES)
     parts = []
@@ -140,10 +197,19 @@ def make_optimizer(params, *, lr: float, steps: int, warmup_steps: int = 0, sche
 
 def make_optimizer_from_config(params, train_cfg, steps: int | None = None, lr_multipliers: Multipliers = None,
                                wd_multipliers: Multipliers = None):
-    """make_optimizer with the fields of the config's `train` section."""
+    """make_optimizer with the fields of the config's `train` section; lr_multipliers / wd_multipliers, when
+    given, take the place of its lr_mults / wd_mults. Raises ConfigError for a config rule that applies to
+    no parameter."""
     t = train_cfg
+    if lr_multipliers is None:
+        lr_multipliers = list(t.lr_mults)
+        check_rules(params, lr_multipliers, "config.train.lr_mults")
+    if wd_multipliers is None:
+        wd_multipliers = list(t.wd_mults)
+        check_rules(params, wd_multipliers, "config.train.wd_mults")
     return make_optimizer(params, lr=t.lr, steps=t.steps if steps is None else steps, warmup_steps=t.warmup_steps,
-                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_steps=t.decay_steps,
+                          weight_decay=t.weight_decay,
                           b1=t.b1, b2=t.b2, eps=t.eps, clip_norm=t.clip_norm, lr_multipliers=lr_multipliers,
                           wd_multipliers=wd_multipliers)
 
@@ -160,5 +226,5 @@ def applied_count(opt_state) -> jax.Array:
     raise ValueError("optimizer state holds no Adam state")
 
 
-__all__ = ["DEFAULT_WD_RULES", "make_schedule", "make_optimizer", "make_optimizer_from_config", "multiplier_tree",
+__all__ = ["DEFAULT_WD_RULES", "check_rules", "describe_rules", "rule_coverage", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizer_from_config", "multiplier_tree",
            "applied_count", "global_norm"]

@@ -3,7 +3,10 @@
 Trains a Phi-3-family model from a config file (see phi3_jax/train_config.py for the sections) and
 resumes from WORKDIR/checkpoints when the same command runs again. `--init_from PATH` starts from the
 weights of a Hugging Face folder, a phi3_jax checkpoint or another workdir (fine-tuning; optimizer state
-and step start fresh; ignored when the workdir already holds a checkpoint).
+and step start fresh; ignored when the workdir already holds a checkpoint). `--branch_from PATH` starts a
+new workdir from another run's training checkpoint as a resume would (weights, optimizer state, step and data
+position; the config may differ): with `train.decay_steps` (warmup-stable-decay), a decay branched from a
+checkpoint of the stable phase gives the run that would have been trained with that many steps.
 
 Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ and WORKDIR/checkpoints/ (loadable with
 `phi3_jax.load(WORKDIR)`), shows a progress bar, and prints a sample of the trained model at the end.
@@ -98,9 +101,19 @@ def _global_sum(x: float) -> float:
     return float(np.sum(multihost_utils.process_allgather(np.float32(x))))
 
 
-def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=None, wd_multipliers=None) -> Result:
+def _log_config_changes(changes: list[str]) -> None:
+    if changes:  # e.g. a longer run or a new learning rate: allowed, but never silent
+        _log(f"config changed since that checkpoint ({len(changes)}): " + "; ".join(changes[:8])
+             + (f"; and {len(changes) - 8} more" if len(changes) > 8 else ""))
+
+
+def run(config, workdir: str, init_from: str | None = None, *, branch_from: str | None = None, lr_multipliers=None,
+        wd_multipliers=None) -> Result:
     """Trains as configured; returns what happened. Raises ConfigError / DataError / CheckpointError /
-    ShardingError / TrainingError with one message each; user errors are raised before anything is written."""
+    ShardingError / TrainingError with one message each; user errors are raised before anything is written.
+
+    lr_multipliers / wd_multipliers (a callable path -> float, or (regex, value) pairs; see phi3_jax.optim)
+    take the place of the config's train.lr_mults / train.wd_mults: the hook for rules a config cannot hold."""
     from phi3_jax import checkpoint as ckpt_lib
     from phi3_jax import optim
     from phi3_jax import train_data
@@ -136,8 +149,16 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                                f"{jax.default_backend()} (use 'auto' or 'xla')")
     resuming = (workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS).is_dir() and ckpt_lib._steps(
         workdir_p / ckpt_lib.WORKDIR_CHECKPOINTS)
+    if init_from and branch_from:
+        raise tcfg.ConfigError("--init_from and --branch_from: give one (weights only, or a whole training state)")
     if init_from and not resuming:  # a resumed run restores its own weights; init_from may be gone by then
         ckpt_lib.resolve(init_from)  # a missing or unrecognised path fails before anything is written
+    branch = None
+    if branch_from and not resuming:
+        branch = ckpt_lib.resolve(branch_from)
+        if branch.kind == "hf" or not (branch.step_dir / ckpt_lib.TRAIN_STATE_ITEM).is_dir():
+            raise ckpt_lib.CheckpointError(f"--branch_from {branch_from}: holds weights only, no training state "
+                                           "(optimizer, step, data position); --init_from starts from weights")
     first = []
     if not resuming:
         first = list(itertools.islice(feed, 8))
@@ -154,18 +175,28 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
                    objective=t.objective, dpo=ts.DPOLoss.from_config(t))
     lr_at = jax.jit(schedule)
 
-    # ---- state: resume, init_from, or fresh ----
+    # ---- state: resume, branch_from, init_from, or fresh ----
     if resuming:
         ckpt = ckpt_lib.TrainCheckpointer(workdir_p, keep_last=t.keep_last, keep_every=t.keep_every,
                                           async_save=t.async_checkpoint)
         start = ckpt.latest_step()
         state = ckpt.restore(start, fns.abstract_state, model_cfg, feed, r.raw)
         _log(f"resumed from {ckpt.directory / str(start)}"
-             + (f" (--init_from {init_from} applies to a fresh workdir only)" if init_from else ""))
-        changes = ckpt_lib.config_changes(ckpt.directory / str(start), r.raw)
-        if changes:  # e.g. a longer run or a new learning rate: allowed, but never silent
-            _log(f"config changed since that checkpoint ({len(changes)}): " + "; ".join(changes[:8])
-                 + (f"; and {len(changes) - 8} more" if len(changes) > 8 else ""))
+             + "".join(f" (--{flag} {path} applies to a fresh workdir only)"
+                       for flag, path in (("init_from", init_from), ("branch_from", branch_from)) if path))
+        _log_config_changes(ckpt_lib.config_changes(ckpt.directory / str(start), r.raw))
+    elif branch:
+        source = ckpt_lib.TrainCheckpointer(branch.path, read_only=True)
+        try:
+            state = source.restore(branch.step, fns.abstract_state, model_cfg, feed, r.raw)
+        finally:
+            source.close()
+        start = branch.step
+        _log(f"branched from {branch.step_dir}")
+        _log_config_changes(ckpt_lib.config_changes(branch.step_dir, r.raw))
+        workdir_p.mkdir(parents=True, exist_ok=True)
+        ckpt = ckpt_lib.TrainCheckpointer(workdir_p, keep_last=t.keep_last, keep_every=t.keep_every,
+                                          async_save=t.async_checkpoint)
     else:
         if init_from:
             src_cfg = ckpt_lib.read_config(init_from).to_dict()
@@ -197,6 +228,14 @@ def run(config, workdir: str, init_from: str | None = None, *, lr_multipliers=No
     writer.message(f"model {name}: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token; mesh "
                    f"{dict(mesh.shape)}{sp}; {jax.process_count()} process(es), {jax.device_count()} device(s) "
                    f"({jax.devices()[0].device_kind})")
+    for what, given, rules in (("learning rate", lr_multipliers, t.lr_mults),
+                               ("weight decay", wd_multipliers, t.wd_mults)):
+        if given is not None:
+            writer.message(f"{what} multipliers: from run()'s argument, not the config")
+        elif rules:
+            cover = optim.rule_coverage(abstract_params, rules)
+            writer.message(f"{what} multipliers (the first match wins, others x1): "
+                           + optim.describe_rules(rules, cover))
     h = None
     # The unigram entropy is the bar for the next-token loss; DPO's loss is not one.
     if start == 0 and not pairs and any(b["loss_mask"].any() for b in first):  # a process's rows may have none
@@ -381,6 +420,9 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs (resumes if it "
                         "holds checkpoints).")
     flags.DEFINE_string("init_from", None, "Initial weights: a Hugging Face folder, phi3_jax checkpoint or workdir.")
+    flags.DEFINE_string("branch_from", None, "Start a new workdir from another run's training checkpoint (a workdir: "
+                        "its latest; or WORKDIR/checkpoints/STEP) as a resume would: weights, optimizer state, step "
+                        "and data position.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -428,7 +470,7 @@ def main(argv) -> None:
         sys.exit(2)
     shd.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
-        result = run(FLAGS.config, FLAGS.workdir, FLAGS.init_from)
+        result = run(FLAGS.config, FLAGS.workdir, FLAGS.init_from, branch_from=FLAGS.branch_from)
     except (ConfigError, DataError, CheckpointError, shd.ShardingError, TrainingError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

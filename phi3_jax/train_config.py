@@ -10,7 +10,16 @@ Sections:
              param_dtype / dtype are not here: they come from `precision`.
   data       phi3_jax.data's ConfigDict (`default_data_config()`), validated by phi3_jax.data.
   train      steps, batch_size (global, in sequences), seq_len, lr, min_lr_ratio, warmup_steps,
-             schedule (cosine | linear | constant), weight_decay, b1, b2, eps, clip_norm (<= 0: off),
+             schedule (cosine | linear | sqrt | constant: the decay after the warmup, sqrt = 1 - sqrt of its
+             progress), decay_steps (0: the decay spans every step after the warmup; N > 0: the last N
+             steps only, the learning rate held at lr before them: warmup-stable-decay, which lets a run
+             be resumed with a larger train.steps before its decay began as if set so from the start),
+             weight_decay, b1, b2, eps, clip_norm (<= 0: off),
+             lr_mults / wd_mults (per-parameter multipliers of the learning rate / the weight decay:
+             (regex, value) pairs tried in order on paths like "layers/mlp/down_proj/kernel", the first
+             match wins, 1 where none matches; wd_mults defaults to optim.DEFAULT_WD_RULES, no decay of
+             norms, biases and the embedding; () decays everything. A pair that applies to no parameter
+             is refused. On the command line: --config.train.lr_mults="(('embed_tokens/', 0.1),)"),
              grad_accum (microbatches per step), loss_chunks (1: the head's logits gradient is kept
              from the forward pass, the fastest; N > 1: the head and loss run over N slices of the
              sequence and recompute the logits in the backward pass, so no [batch, seq, vocab] array
@@ -41,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import types
 import typing
 from typing import Any
@@ -49,6 +59,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from phi3_jax.model.config import ConfigError, ModelConfig
+from phi3_jax.optim import DEFAULT_WD_RULES, SCHEDULES
 
 SECTIONS = ("model", "data", "train", "mesh", "precision", "sample")
 _MODEL_DTYPE_FIELDS = ("param_dtype", "dtype")
@@ -57,10 +68,12 @@ _MODEL_DTYPE_FIELDS = ("param_dtype", "dtype")
 def train_defaults() -> dict[str, Any]:
     return dict(
         steps=1000, batch_size=8, seq_len=256, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, schedule="cosine",
+        decay_steps=0,
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
         log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
         max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
         objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0, dpo_rpo_alpha=0.0,
+        lr_mults=(), wd_mults=tuple(DEFAULT_WD_RULES),
     )
 
 
@@ -176,6 +189,8 @@ def _plain(x):
 
 def _check_type(where: str, value, default):
     kind = type(default)
+    if kind is tuple and isinstance(value, list):  # a config file's list, or the checkpoint's JSON
+        value = tuple(value)
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{where}: must be a finite number, got {value!r}")
@@ -200,6 +215,25 @@ def _positive(section: str, d: dict, *names, allow_zero=False):
     for n in names:
         if d[n] < 0 or (d[n] == 0 and not allow_zero):
             raise ConfigError(f"config.{section}.{n}={d[n]!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_rules(where: str, rules: tuple) -> tuple[tuple[str, float], ...]:
+    """Per-parameter multiplier rules: (regex, value >= 0) pairs."""
+    out = []
+    for i, rule in enumerate(rules):
+        if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+                or not isinstance(rule[1], numbers.Real) or isinstance(rule[1], bool)):
+            raise ConfigError(f"{where}[{i}]={rule!r}: expected a (regex, multiplier) pair, "
+                              "e.g. ('layers/mlp/', 0.5)")
+        pattern, value = rule
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}[{i}]: {pattern!r} is not a regular expression ({e})") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{where}[{i}]=({pattern!r}, {value!r}): the multiplier must be a finite number >= 0")
+        out.append((pattern, float(value)))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +269,7 @@ def validate(config) -> Resolved:
     # eps > 0: Adam divides a zero gradient's zero moment by sqrt(0) + eps.
     _positive("train", train, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunks", "log_every", "eval_steps",
               "keep_last", "max_nonfinite_in_a_row", "eps")
-    _positive("train", train, "lr", "warmup_steps", "weight_decay", "eval_every", "checkpoint_every",
+    _positive("train", train, "lr", "warmup_steps", "decay_steps", "weight_decay", "eval_every", "checkpoint_every",
               "keep_every", "data_shards", allow_zero=True)
     if train["objective"] not in ("lm", "dpo"):
         raise ConfigError(f"config.train.objective={train['objective']!r}: must be 'lm' or 'dpo'")
@@ -251,8 +285,18 @@ def validate(config) -> Resolved:
     if smoothing and train["dpo_loss"] != "sigmoid":
         raise ConfigError(f"config.train.dpo_label_smoothing={smoothing}: applies to dpo_loss='sigmoid' only "
                           f"(it is {train['dpo_loss']!r})")
-    if train["schedule"] not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"config.train.schedule={train['schedule']!r}: must be cosine, linear or constant")
+    for name in ("lr_mults", "wd_mults"):
+        train[name] = _check_rules(f"config.train.{name}", train[name])
+    if train["schedule"] not in SCHEDULES:
+        raise ConfigError(f"config.train.schedule={train['schedule']!r}: must be one of {', '.join(SCHEDULES)}")
+    if train["decay_steps"]:
+        after_warmup = train["steps"] - min(train["warmup_steps"], train["steps"])
+        if train["schedule"] == "constant":
+            raise ConfigError(f"config.train.decay_steps={train['decay_steps']}: schedule 'constant' has no decay "
+                              "(set train.schedule to cosine, linear or sqrt, or decay_steps to 0)")
+        if train["decay_steps"] > after_warmup:
+            raise ConfigError(f"config.train.decay_steps={train['decay_steps']}: longer than the steps after the "
+                              f"warmup (train.steps={train['steps']} - train.warmup_steps={train['warmup_steps']})")
     if not 0.0 <= train["min_lr_ratio"] <= 1.0:
         raise ConfigError(f"config.train.min_lr_ratio={train['min_lr_ratio']}: must be in [0, 1]")
     for b in ("b1", "b2"):

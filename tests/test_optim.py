@@ -36,6 +36,45 @@ def test_schedule_warmup_cosine_linear():
         optim.make_schedule(1.0, 10, 0, "exp")
 
 
+def test_warmup_stable_decay():
+    # 10 warmup steps, 70 at lr, then the last 20 decay to lr * 0.1.
+    for kind, mid in (("linear", 0.55), ("cosine", 0.55), ("sqrt", 0.1 + 0.9 * (1 - 0.5 ** 0.5))):
+        s = optim.make_schedule(1.0, steps=100, warmup_steps=10, schedule=kind, min_lr_ratio=0.1, decay_steps=20)
+        assert float(s(5)) == pytest.approx(0.5)
+        assert [float(s(i)) for i in (10, 45, 80)] == pytest.approx([1.0, 1.0, 1.0])
+        assert float(s(90)) == pytest.approx(mid, rel=1e-5), kind
+        assert float(s(100)) == pytest.approx(0.1, rel=1e-5) and float(s(150)) == pytest.approx(0.1, rel=1e-5)
+        # Lengthening the run moves the decay and leaves every earlier step's learning rate as it was.
+        longer = optim.make_schedule(1.0, steps=160, warmup_steps=10, schedule=kind, min_lr_ratio=0.1,
+                                     decay_steps=20)
+        steps = np.arange(81)
+        np.testing.assert_array_equal(jax.vmap(s)(steps), jax.vmap(longer)(steps))
+        assert float(longer(100)) == 1.0 and float(longer(150)) == pytest.approx(mid, rel=1e-5)
+    # decay_steps 0 or the whole span after the warmup: the plain decay.
+    plain = optim.make_schedule(1.0, 100, 10, "sqrt", 0.1)
+    whole = optim.make_schedule(1.0, 100, 10, "sqrt", 0.1, decay_steps=90)
+    steps = np.arange(120)
+    np.testing.assert_allclose(jax.vmap(plain)(steps), jax.vmap(whole)(steps), rtol=1e-6)
+    assert float(plain(55)) == pytest.approx(0.1 + 0.9 * (1 - 0.5 ** 0.5), rel=1e-5)
+    no_warmup = optim.make_schedule(1.0, 100, 0, "linear", 0.0, decay_steps=50)
+    assert [float(no_warmup(i)) for i in (0, 50, 75, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(decay_steps=-1), r"decay_steps=-1: must be >= 0"),
+    (dict(schedule="constant", decay_steps=10), r"decay_steps=10: schedule 'constant' has no decay"),
+    (dict(steps=100, warmup_steps=10, decay_steps=91), r"decay_steps=91: longer than the steps after the warmup"),
+    (dict(schedule="wsd"), r"schedule='wsd': must be one of cosine, linear, sqrt, constant"),
+])
+def test_schedule_config_errors(fields, words):
+    from phi3_jax import train_config as tcfg
+
+    c = tcfg.default_config()
+    c.train.update(fields)
+    with pytest.raises(tcfg.ConfigError, match=r"config\.train\." + words):
+        tcfg.validate(c)
+
+
 def test_plain_adamw_when_multipliers_are_one():
     params = _params()
     sched = optim.make_schedule(1e-2, 50, 5)
@@ -111,3 +150,54 @@ def test_clipping_scales_gradients_to_the_clip_norm_before_adam():
         u1, s1 = tx.update(g, s1, params)
         u2, s2 = ref.update(g, s2, params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u1, u2)
+
+
+def test_config_rules_match_the_api_and_a_rule_that_applies_to_nothing_is_refused():
+    from types import SimpleNamespace
+
+    from phi3_jax import train_config as tcfg
+    from phi3_jax.model.config import ConfigError
+
+    params = _params()
+    c = tcfg.default_config()
+    c.train.lr_mults = (("mlp/", 0.5), ("embed_tokens/", 0.0))  # as --config.train.lr_mults=... gives them
+    c.train.weight_decay = 0.1
+    t = tcfg.validate(c).train
+    assert t.wd_mults == tuple(optim.DEFAULT_WD_RULES)
+    from_config, _ = optim.make_optimizer_from_config(params, t)
+    by_api, _ = optim.make_optimizer(params, lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
+                                     weight_decay=0.1, lr_multipliers=[("mlp/", 0.5), ("embed_tokens/", 0.0)])
+    g = _grads(params, 0)
+    state1, state2 = from_config.init(params), by_api.init(params)
+    for _ in range(t.warmup_steps + 2):  # past the warmup's lr of 0
+        u1, state1 = from_config.update(g, state1, params)
+        u2, state2 = by_api.update(g, state2, params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u1, u2)
+    assert float(jnp.abs(u1["embed_tokens"]["embedding"]).max()) == 0.0  # lr x0 freezes it
+    assert float(jnp.abs(u1["lm_head"]["kernel"]).max()) > 0.0
+
+    # (tensors, elements) per rule, the first match wins: "mlp/" takes the kernel before "kernel" sees it.
+    rules = [("mlp/", 0.5), ("kernel$", 2.0), ("scale|bias", 0.0)]
+    assert optim.rule_coverage(params, rules) == [(1, 128), (1, 128), (2, 64)]
+    assert "'mlp/' x0.5 (1 tensor, 128 parameters)" in optim.describe_rules(rules, optim.rule_coverage(params, rules))
+    for name, bad, index in (("lr_mults", (("mpl/", 0.5),), 0),  # mistyped
+                             ("wd_mults", (("kernel", 1.0), ("mlp/down_proj/kernel", 2.0)), 1)):  # shadowed
+        with pytest.raises(ConfigError, match=rf"config\.train\.{name}\[{index}\]=.*applies to no parameter.*"
+                                              r"the parameters are: embed_tokens/embedding, "):
+            optim.make_optimizer_from_config(params, SimpleNamespace(**{**vars(t), name: bad}))
+
+
+@pytest.mark.parametrize("rules, words", [
+    ((("mlp/", -1.0),), r"lr_mults\[0\]=\('mlp/', -1.0\): the multiplier must be a finite number >= 0"),
+    ((("mlp/", float("inf")),), r"lr_mults\[0\]=.*must be a finite number"),
+    ((("(", 1.0),), r"lr_mults\[0\]: '\(' is not a regular expression"),
+    (("mlp/", 0.5), r"lr_mults\[0\]='mlp/': expected a \(regex, multiplier\) pair"),  # a pair, not a list of pairs
+    (((1, 0.5),), r"lr_mults\[0\]=\(1, 0.5\): expected a \(regex, multiplier\) pair"),
+])
+def test_config_rule_errors_name_the_rule(rules, words):
+    from phi3_jax import train_config as tcfg
+
+    c = tcfg.default_config()
+    c.train.lr_mults = rules
+    with pytest.raises(tcfg.ConfigError, match=r"config\.train\." + words):
+        tcfg.validate(c)
