@@ -101,6 +101,17 @@ def _global_sum(x: float) -> float:
     return float(np.sum(multihost_utils.process_allgather(np.float32(x))))
 
 
+def _eval_metrics(total: dict[str, float], suffix: str = "") -> dict[str, float]:
+    """Means of summed eval metrics: "eval_loss" (per trained token, or per pair for DPO) and DPO's
+    "eval_accuracy", "eval_reward_chosen", "eval_reward_rejected"; each name + suffix."""
+    n = max(total["count"], 1.0)
+    out = {"eval_loss": total["loss"] / n}
+    if "correct" in total:
+        out["eval_accuracy"] = total["correct"] / n
+        out.update({f"eval_{k}": total[k] / n for k in ("reward_chosen", "reward_rejected")})
+    return {k + suffix: v for k, v in out.items()}
+
+
 def _log_config_changes(changes: list[str]) -> None:
     if changes:  # e.g. a longer run or a new learning rate: allowed, but never silent
         _log(f"config changed since that checkpoint ({len(changes)}): " + "; ".join(changes[:8])
@@ -248,29 +259,31 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
         writer.message(f"block-sparse layers: packed documents longer than {align.max_unaligned} tokens start at "
                        f"row offsets that are multiples of {align.period} (the gaps hold shorter documents or padding)")
 
-    evals = []
+    evals: dict[str, list] = {}  # source name -> its held-out global batches
     if t.eval_every > 0:
-        held_out = train_data.eval_batches(r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards,
-                                           t.eval_steps, align, pairs=pairs)
+        held_out = {name: batches for name, batches in train_data.eval_batches(
+            r.raw["data"], tokenizer, t.seq_len, t.batch_size, shards, num_shards, t.eval_steps, align,
+            pairs=pairs).items() if batches}
         if not held_out:
             writer.message(f"no evaluation: the data has no held-out rows (data.eval_fraction="
                            f"{r.raw['data']['eval_fraction']}) for train.eval_every={t.eval_every}")
-        elif _global_sum(sum(float(b["loss_mask"].sum()) for b in held_out)) == 0:
+        elif _global_sum(sum(float(b["loss_mask"].sum()) for bs in held_out.values() for b in bs)) == 0:
             writer.message("no evaluation: the held-out rows hold no token to train on (conversations without "
                            "assistant replies?)")
         else:
-            evals = [shd.make_global_batch(mesh, b, t.batch_size) for b in held_out]
+            evals = {name: [shd.make_global_batch(mesh, b, t.batch_size) for b in bs] for name, bs in held_out.items()}
 
     def evaluate() -> dict[str, float]:
         """{"eval_loss"} (+ for DPO "eval_accuracy", the share of held-out pairs ranked right, and
-        "eval_reward_chosen" / "eval_reward_rejected", the mean implicit rewards) over `evals`."""
-        sums = jax.device_get([fns.eval_step(state, b) for b in evals])
-        total = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-        n = max(total["count"], 1.0)
-        out = {"eval_loss": total["loss"] / n}
-        if "correct" in total:
-            out["eval_accuracy"] = total["correct"] / n
-            out.update({f"eval_{k}": total[k] / n for k in ("reward_chosen", "reward_rejected")})
+        "eval_reward_chosen" / "eval_reward_rejected", the mean implicit rewards) over every source's held-out
+        batches; with several sources, each one's as well ("eval_loss/NAME", ...)."""
+        sums = jax.device_get({name: [fns.eval_step(state, b) for b in bs] for name, bs in evals.items()})
+        per_source = {name: {k: sum(float(s[k]) for s in ss) for k in ss[0]} for name, ss in sums.items()}
+        out = _eval_metrics({k: sum(p[k] for p in per_source.values()) for k in next(iter(per_source.values()))})
+        if len(per_source) > 1:
+            for name, total in per_source.items():
+                if total["count"]:
+                    out.update(_eval_metrics(total, f"/{name}"))
         return out
 
     losses: dict[int, float] = {}

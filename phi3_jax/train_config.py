@@ -24,7 +24,9 @@ Sections:
              from the forward pass, the fastest; N > 1: the head and loss run over N slices of the
              sequence and recompute the logits in the backward pass, so no [batch, seq, vocab] array
              is kept: for large vocabularies on memory-bound slices; DPO's per-token head alike),
-             log_every, eval_every (0: never), eval_steps,
+             log_every, eval_every (0: never), eval_steps (held-out batches of each source a phase weights,
+             each source packed alone: eval_loss pools them, and with several sources each one's is logged
+             too, eval_loss/NAME),
              checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process

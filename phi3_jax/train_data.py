@@ -16,6 +16,7 @@ grain's Orbax CheckpointHandler stores per process.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Sequence
 
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 
 from phi3_jax import sharding as shd
-from phi3_jax.data import Alignment, make_pipeline
+from phi3_jax.data import Alignment, eval_source_names, make_pipeline
 
 
 def packing_alignment(model_cfg, seq_len: int | None = None) -> Alignment | None:
@@ -75,10 +76,12 @@ class DataFeed:
     (see `phi3_jax.data.make_pipeline`)."""
 
     def __init__(self, data_cfg, tokenizer, seq_len: int, global_batch: int, seed: int, shards: Sequence[int],
-                 num_shards: int, split: str = "train", align: Alignment | None = None, pairs: bool = False):
+                 num_shards: int, split: str = "train", align: Alignment | None = None, pairs: bool = False,
+                 eval_sources: Sequence[str] | None = None):
         self.shards, self.num_shards = list(shards), int(num_shards)
         self._iters = [make_pipeline(data_cfg, tokenizer, seq_len, global_batch, seed, process_index=s,
-                                     process_count=num_shards, split=split, align=align, pairs=pairs)
+                                     process_count=num_shards, split=split, align=align, pairs=pairs,
+                                     eval_sources=eval_sources)
                        for s in self.shards]
 
     def __iter__(self):
@@ -112,14 +115,14 @@ class DataFeed:
 
 
 def eval_batches(data_cfg, tokenizer, seq_len: int, global_batch: int, shards: Sequence[int], num_shards: int,
-                 max_batches: int, align: Alignment | None = None, pairs: bool = False) -> list[dict[str, np.ndarray]]:
-    """Up to `max_batches` held-out batches (this process's rows), the same ones at every evaluation."""
-    feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval", align=align,
-                    pairs=pairs)
-    out = []
-    for _ in range(max_batches):
-        try:
-            out.append(next(feed))
-        except StopIteration:
-            break
+                 max_batches: int, align: Alignment | None = None,
+                 pairs: bool = False) -> dict[str, list[dict[str, np.ndarray]]]:
+    """{source name: up to `max_batches` held-out batches of that source alone (this process's rows)} for
+    every source the eval split holds: the same batches at every evaluation. Each source is read on its own
+    so that every one is evaluated, however long the held-out tails before it are."""
+    out = {}
+    for name in eval_source_names(data_cfg):
+        feed = DataFeed(data_cfg, tokenizer, seq_len, global_batch, 0, shards, num_shards, split="eval", align=align,
+                        pairs=pairs, eval_sources=[name])
+        out[name] = list(itertools.islice(feed, max_batches))
     return out

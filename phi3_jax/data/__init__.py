@@ -5,8 +5,8 @@ from phi3_jax.data.config import DataSpec, default_data_config, validate_data_co
 from phi3_jax.data.errors import DataError
 from phi3_jax.data.mixture import PhasedIterDataset, mix_rows
 from phi3_jax.data.packing import ROW_KEYS, Alignment, attention_mask, pack
-from phi3_jax.data.pipeline import (make_pipeline, make_pipeline_dataset, make_tokenizer_from_config, phase_schedule,
-                                    source_documents)
+from phi3_jax.data.pipeline import (eval_source_names, make_pipeline, make_pipeline_dataset,
+                                    make_tokenizer_from_config, phase_schedule, source_documents)
 from phi3_jax.data.quality import HeuristicScorer, LogisticScorer, QualityScorer, make_scorer, register_scorer
 from phi3_jax.data.sources import (SOURCE_KINDS, ArrayRecordSource, JsonlSource, StdlibSource, TextFilesSource,
                                    TfdsSource, make_source)
@@ -17,7 +17,7 @@ from phi3_jax.data.tokenizers import (PHI3_SMALL_DUMMY_IDS, PHI3_SMALL_SPECIAL_T
 
 __all__ = [
     "CHAT_TEMPLATES", "render_chat", "DataSpec", "default_data_config", "validate_data_config", "DataError",
-    "PhasedIterDataset", "mix_rows", "ROW_KEYS", "Alignment", "attention_mask", "pack", "make_pipeline",
+    "PhasedIterDataset", "mix_rows", "ROW_KEYS", "Alignment", "attention_mask", "pack", "eval_source_names", "make_pipeline",
     "make_pipeline_dataset", "make_tokenizer_from_config", "phase_schedule", "source_documents", "HeuristicScorer",
     "LogisticScorer", "QualityScorer", "make_scorer", "register_scorer", "SOURCE_KINDS", "ArrayRecordSource",
     "JsonlSource", "StdlibSource", "TextFilesSource", "TfdsSource", "make_source", "unigram_entropy",

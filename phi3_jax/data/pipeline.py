@@ -211,8 +211,7 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
                     seed=pack_seed, extra=extra, align=align)
 
     if split == "eval":
-        used = [n for p in spec.phases for n, _ in p.weights]
-        names = list(eval_sources) if eval_sources else [s.name for s in spec.sources if s.name in used]
+        names = list(eval_sources) if eval_sources else _weighted_sources(spec)
         for n in names:
             if n not in index:
                 raise DataError(f"eval_sources: {n!r} is not a source name ({list(index)})")
@@ -242,6 +241,16 @@ def make_pipeline_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, global_b
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.worker_processes))
         phases.append((p.name, steps_for_tokens(p.tokens, seq_len * global_batch_size), batches))
     return PhasedIterDataset(phases)
+
+
+def _weighted_sources(spec: DataSpec) -> list[str]:
+    used = {n for p in spec.phases for n, _ in p.weights}
+    return [s.name for s in spec.sources if s.name in used]
+
+
+def eval_source_names(data_cfg) -> list[str]:
+    """The sources an eval split holds by default: those some phase weights, in config order."""
+    return _weighted_sources(validate_data_config(data_cfg))
 
 
 class _PadAndSlice(grain.transforms.Map):
