@@ -35,6 +35,7 @@ def get_config(arg: str = ""):
         d.sources = [dict(d.sources[0], name="chat", kind="textbook_chat")]
         t = c.train
         t.steps, t.lr, t.warmup_steps, t.eval_every, t.checkpoint_every = 150, 1e-3, 10, 50, 50
+        t.eval_on_start = True  # the held-out replies' loss before fine-tuning
         c.sample.prompt, c.sample.chat, c.sample.max_new_tokens = "What is 12 + 7?", True, 120
     if "dpo" in args:
         d = c.data
@@ -45,7 +46,7 @@ def get_config(arg: str = ""):
         # prompt (data.pair_overflow="truncate_prompt"); both answers stay, and the last question with its
         # <|user|> marker in 96% of them.
         t.steps, t.batch_size, t.seq_len, t.lr, t.warmup_steps = 100, 8, 512, 1e-4, 10
-        t.eval_every, t.eval_steps, t.checkpoint_every = 25, 4, 50
+        t.eval_every, t.eval_steps, t.checkpoint_every, t.eval_on_start = 25, 4, 50, True
         c.sample.prompt, c.sample.chat, c.sample.max_new_tokens = "What is 12 + 7?", True, 120
     if "test" in args:
         c.model.hidden_size = 64

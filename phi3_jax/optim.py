@@ -209,9 +209,8 @@ def make_optimizer_from_config(params, train_cfg, steps: int | None = None, lr_m
         check_rules(params, wd_multipliers, "config.train.wd_mults")
     return make_optimizer(params, lr=t.lr, steps=t.steps if steps is None else steps, warmup_steps=t.warmup_steps,
                           schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_steps=t.decay_steps,
-                          weight_decay=t.weight_decay,
-                          b1=t.b1, b2=t.b2, eps=t.eps, clip_norm=t.clip_norm, lr_multipliers=lr_multipliers,
-                          wd_multipliers=wd_multipliers)
+                          weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps, clip_norm=t.clip_norm,
+                          lr_multipliers=lr_multipliers, wd_multipliers=wd_multipliers)
 
 
 def global_norm(tree) -> jax.Array:
@@ -226,5 +225,5 @@ def applied_count(opt_state) -> jax.Array:
     raise ValueError("optimizer state holds no Adam state")
 
 
-__all__ = ["DEFAULT_WD_RULES", "check_rules", "describe_rules", "rule_coverage", "SCHEDULES", "make_schedule", "make_optimizer", "make_optimizer_from_config", "multiplier_tree",
-           "applied_count", "global_norm"]
+__all__ = ["DEFAULT_WD_RULES", "SCHEDULES", "check_rules", "describe_rules", "rule_coverage", "make_schedule",
+           "make_optimizer", "make_optimizer_from_config", "multiplier_tree", "applied_count", "global_norm"]

@@ -112,6 +112,10 @@ def _eval_metrics(total: dict[str, float], suffix: str = "") -> dict[str, float]
     return {k + suffix: v for k, v in out.items()}
 
 
+def _metrics_text(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
 def _log_config_changes(changes: list[str]) -> None:
     if changes:  # e.g. a longer run or a new learning rate: allowed, but never silent
         _log(f"config changed since that checkpoint ({len(changes)}): " + "; ".join(changes[:8])
@@ -291,6 +295,10 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     tokens_per_step = t.batch_size * t.seq_len
     status, last_saved, evaluated = "done", start, {}
     data_state = feed.get_state()
+    if t.eval_on_start and evals and not resuming and start < t.steps:
+        evaluated = evaluate()  # the starting weights' held-out figures: the baseline of a fine-tuning run
+        writer.write(start, evaluated)
+        writer.message(f"step {start}: " + _metrics_text(evaluated))
 
     def handle(step: int, m: dict, force_log: bool = False) -> None:
         m = jax.device_get(m)
@@ -356,7 +364,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     if window["t0"] is not None:  # tokens/s counts training time only
                         window["t0"] += time.perf_counter() - t_eval
                     writer.write(s, evaluated)
-                    writer.message(f"step {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+                    writer.message(f"step {s}: " + _metrics_text(evaluated))
                 stop = sig.stop_requested()
                 if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
                     ckpt.save(s, state, data_state, model_cfg, r.raw)
@@ -404,8 +412,8 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     if "loss" in logged:
         n = logged["n"]  # finite steps since the previous log: fewer than log_every after a resume or at the end
         summary += f", loss {logged['loss']:.4f} " + (f"(mean of the last {n} steps)" if n > 1 else "(the last step)")
-    for k, v in evaluated.items():
-        summary += f", {k} {v:.4f}"
+    if evaluated:
+        summary += ", " + _metrics_text(evaluated)
     if h is not None:
         summary += f" (unigram entropy {h:.4f})"
     _log(f"{status}: {summary}; checkpoints in {ckpt.directory}")

@@ -26,7 +26,8 @@ Sections:
              is kept: for large vocabularies on memory-bound slices; DPO's per-token head alike),
              log_every, eval_every (0: never), eval_steps (held-out batches of each source a phase weights,
              each source packed alone: eval_loss pools them, and with several sources each one's is logged
-             too, eval_loss/NAME),
+             too, eval_loss/NAME), eval_on_start (also evaluate the weights a fresh or branched run
+             starts from, logged at its first step: the baseline of a fine-tuning run),
              checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process
@@ -70,11 +71,10 @@ _MODEL_DTYPE_FIELDS = ("param_dtype", "dtype")
 def train_defaults() -> dict[str, Any]:
     return dict(
         steps=1000, batch_size=8, seq_len=256, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, schedule="cosine",
-        decay_steps=0,
-        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
-        log_every=10, eval_every=100, eval_steps=4, checkpoint_every=500, keep_last=2, keep_every=0,
-        max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True, progress=True,
-        objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0, dpo_rpo_alpha=0.0,
+        decay_steps=0, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, loss_chunks=1,
+        log_every=10, eval_every=100, eval_steps=4, eval_on_start=False, checkpoint_every=500, keep_last=2,
+        keep_every=0, max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True,
+        progress=True, objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0, dpo_rpo_alpha=0.0,
         lr_mults=(), wd_mults=tuple(DEFAULT_WD_RULES),
     )
 

@@ -57,3 +57,26 @@ def test_every_source_is_evaluated_on_its_own_rows(tmp_path):
     pooled = sum(s for s, _ in sums.values()) / sum(n for _, n in sums.values())
     np.testing.assert_allclose(res.eval_loss, pooled, rtol=1e-4)
     assert abs(row["eval_loss/stdlib"] - row["eval_loss/textbook"]) > 0.01  # the two sources are told apart
+
+
+def test_eval_on_start_scores_the_weights_a_fine_tuning_run_starts_from(tmp_path):
+    src, wd = tmp_path / "src", tmp_path / "wd"
+    c = _mixture()
+    assert run(c, str(src)).status == "done"
+    t = c.train
+    held_out = train_data.eval_batches(c.data, make_tokenizer_from_config(c.data), t.seq_len, t.batch_size, [0], 1,
+                                       t.eval_steps)
+    c.train.steps, c.train.eval_every, c.train.eval_on_start = 1, 1, True
+    res = run(c, str(wd), init_from=str(src))
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 1] and res.eval_loss == evals[1]["eval_loss"]
+    model = phi3_jax.load(str(src))
+    for name, batches in held_out.items():
+        total, count = _nll(model, batches)
+        np.testing.assert_allclose(evals[0][f"eval_loss/{name}"], total / count, rtol=1e-4)
+    # A resumed run does not evaluate its starting point again.
+    c.train.steps = 2
+    run(c, str(wd))
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 1, 2]
