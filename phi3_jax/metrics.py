@@ -145,23 +145,32 @@ class MetricsWriter:
         self._file.close()
 
 
-class Throughput:
-    """Tokens/s over the steps since the last `rate()` call (wall time, host side)."""
+class StepProfiler:
+    """A jax.profiler trace of the train steps first..last (1-based, as logged) into `directory`
+    (WORKDIR/tensorboard: TensorBoard's profile tab and xprof read its plugins/profile/RUN/*.xplane.pb).
 
-    def __init__(self):
-        self._t = time.perf_counter()
-        self._tokens = 0
+    `before(s)` is called before step s is dispatched; `after(s, out)` once it is, with its outputs: the
+    trace stops when step `last` has finished on the device. A run that ends or fails inside the range
+    stops the trace in `close()`."""
 
-    def add(self, tokens: int) -> None:
-        self._tokens += tokens
+    def __init__(self, directory: str | os.PathLike, first: int, last: int):
+        self.directory, self.first, self.last = Path(directory), int(first), int(last)
+        self.active = False
 
-    def reset(self) -> None:
-        self._t = time.perf_counter()
-        self._tokens = 0
+    def before(self, step: int) -> None:
+        if step == self.first and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
 
-    def rate(self) -> float:
-        now = time.perf_counter()
-        dt = max(now - self._t, 1e-9)
-        r = self._tokens / dt
-        self._t, self._tokens = now, 0
-        return r
+    def after(self, step: int, outputs) -> bool:
+        """True when this call wrote the trace."""
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.close()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()

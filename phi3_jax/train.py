@@ -134,7 +134,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     from phi3_jax import train_data
     from phi3_jax import train_state as ts
     from phi3_jax.data import DataError, make_tokenizer_from_config, unigram_entropy
-    from phi3_jax.metrics import MetricsWriter, mfu, peak_flops
+    from phi3_jax.metrics import MetricsWriter, StepProfiler, mfu, peak_flops
 
     # ---- everything a user can get wrong is checked before the workdir is touched ----
     r = tcfg.validate(config)
@@ -341,6 +341,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
 
     logged: dict[str, float] = {}
     pending = None
+    profiler = StepProfiler(workdir_p / "tensorboard", *t.profile_steps) if t.profile_steps else None
     try:
         with _Signals() as sig:
             for step in range(start, t.steps):
@@ -351,7 +352,12 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     break
                 data_state = feed.get_state()
                 batch = shd.make_global_batch(mesh, batch_np, t.batch_size)
+                if profiler:
+                    profiler.before(step + 1)
                 state, metrics = fns.train_step(state, batch)
+                if profiler and profiler.after(step + 1, metrics):
+                    writer.message(f"profile of steps {profiler.first}-{step + 1} written under "
+                                   f"{profiler.directory / 'plugins' / 'profile'}")
                 if pending is not None:
                     handle(*pending)
                 pending = (step + 1, metrics)
@@ -396,6 +402,9 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
         writer.close()
         ckpt.close()
         raise
+    finally:
+        if profiler:
+            profiler.close()
     if start >= t.steps:
         status = "complete"
     writer.close()

@@ -28,6 +28,8 @@ Sections:
              each source packed alone: eval_loss pools them, and with several sources each one's is logged
              too, eval_loss/NAME), eval_on_start (also evaluate the weights a fresh or branched run
              starts from, logged at its first step: the baseline of a fine-tuning run),
+             profile_steps ((first, last): a jax.profiler trace of those steps, 1-based as logged, into
+             WORKDIR/tensorboard for TensorBoard's profile tab or xprof; (): none),
              checkpoint_every (0: only at the end / on a signal), keep_last, keep_every (0: none kept
              beyond the last ones), max_nonfinite_in_a_row, seed, data_shards (slices of the global batch
              the data pipeline is split into; 0: one per process; fix it to compare runs across process
@@ -75,7 +77,7 @@ def train_defaults() -> dict[str, Any]:
         log_every=10, eval_every=100, eval_steps=4, eval_on_start=False, checkpoint_every=500, keep_last=2,
         keep_every=0, max_nonfinite_in_a_row=10, seed=0, data_shards=0, async_checkpoint=True, tensorboard=True,
         progress=True, objective="lm", dpo_beta=0.1, dpo_loss="sigmoid", dpo_label_smoothing=0.0, dpo_rpo_alpha=0.0,
-        lr_mults=(), wd_mults=tuple(DEFAULT_WD_RULES),
+        lr_mults=(), wd_mults=tuple(DEFAULT_WD_RULES), profile_steps=(),
     )
 
 
@@ -287,6 +289,13 @@ def validate(config) -> Resolved:
     if smoothing and train["dpo_loss"] != "sigmoid":
         raise ConfigError(f"config.train.dpo_label_smoothing={smoothing}: applies to dpo_loss='sigmoid' only "
                           f"(it is {train['dpo_loss']!r})")
+    profile = train["profile_steps"]
+    if profile and not (len(profile) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in profile)
+                        and 1 <= profile[0] <= profile[1]):
+        raise ConfigError(f"config.train.profile_steps={profile!r}: expected (first, last) steps to trace, "
+                          "1 <= first <= last, or () for none")
+    if profile and profile[1] > train["steps"]:
+        raise ConfigError(f"config.train.profile_steps={profile!r}: the run ends at train.steps={train['steps']}")
     for name in ("lr_mults", "wd_mults"):
         train[name] = _check_rules(f"config.train.{name}", train[name])
     if train["schedule"] not in SCHEDULES:
