@@ -293,11 +293,16 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     losses: dict[int, float] = {}
     window = {"loss": 0.0, "n": 0, "gn": 0.0, "t0": None, "tokens": 0, **{k: 0.0 for k in DPO_STEP_METRICS}}
     tokens_per_step = t.batch_size * t.seq_len
+
+    def seen(step: int) -> dict[str, int | float]:
+        """The tokens (row positions, padding included) and model FLOPs the run has trained on by `step`: the
+        x axes of loss-against-data and loss-against-compute plots."""
+        return {"tokens": step * tokens_per_step, "flops": float(step * tokens_per_step * flops_tok)}
     status, last_saved, evaluated = "done", start, {}
     data_state = feed.get_state()
     if t.eval_on_start and evals and not resuming and start < t.steps:
         evaluated = evaluate()  # the starting weights' held-out figures: the baseline of a fine-tuning run
-        writer.write(start, evaluated)
+        writer.write(start, {**evaluated, **seen(start)})
         writer.message(f"step {start}: " + _metrics_text(evaluated))
 
     def handle(step: int, m: dict, force_log: bool = False) -> None:
@@ -326,7 +331,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                    "lr": float(lr_at(np.int32(max(applied - 1, 0)))),
                    "grad_norm": window["gn"] / window["n"] if window["n"] else float(m["grad_norm"]),
                    "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
-                   "skipped": int(m["skipped"])}
+                   "skipped": int(m["skipped"]), **seen(step)}
             for k in DPO_STEP_METRICS:  # DPO, before each update: pairs ranked right, the mean implicit rewards
                 if k in m:
                     row[k] = window[k] / window["n"] if window["n"] else float(m[k])
@@ -369,7 +374,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     evaluated = evaluate()
                     if window["t0"] is not None:  # tokens/s counts training time only
                         window["t0"] += time.perf_counter() - t_eval
-                    writer.write(s, evaluated)
+                    writer.write(s, {**evaluated, **seen(s)})
                     writer.message(f"step {s}: " + _metrics_text(evaluated))
                 stop = sig.stop_requested()
                 if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
@@ -397,7 +402,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                                    f"{ckpt.directory / str(final_step)}")
                 elif evals and start < t.steps:  # a finished run restarted has its final eval already
                     evaluated = evaluate()
-                    writer.write(final_step, evaluated)
+                    writer.write(final_step, {**evaluated, **seen(final_step)})
     except BaseException:
         writer.close()
         ckpt.close()

@@ -3,10 +3,12 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from train_helpers import load_config
 
 import phi3_jax
+import phi3_jax.checkpoint
 from phi3_jax import train_data
 from phi3_jax.data import make_tokenizer_from_config
 from phi3_jax.train import run
@@ -48,7 +50,13 @@ def test_every_source_is_evaluated_on_its_own_rows(tmp_path):
     res = run(c, str(tmp_path / "wd"))
     rows = [json.loads(line) for line in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
     row = [r for r in rows if "eval_loss" in r][-1]
-    assert sorted(row) == ["eval_loss", "eval_loss/stdlib", "eval_loss/textbook", "step"]
+    assert sorted(row) == ["eval_loss", "eval_loss/stdlib", "eval_loss/textbook", "flops", "step", "tokens"]
+    # Tokens and FLOPs trained on by the row's step: the x axes of scaling plots, on every row.
+    cfg = phi3_jax.checkpoint.read_config(str(tmp_path / "wd"))
+    for r in rows:
+        if "loss" in r or "eval_loss" in r:
+            assert r["tokens"] == r["step"] * t.batch_size * t.seq_len
+            assert r["flops"] == pytest.approx(r["tokens"] * cfg.flops_per_token(t.seq_len), rel=1e-9)
 
     model = phi3_jax.load(str(tmp_path / "wd"))
     sums = {name: _nll(model, batches) for name, batches in held_out.items()}
