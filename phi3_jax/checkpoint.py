@@ -31,6 +31,7 @@ CONFIG_ITEM = "config"
 TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
 TRAIN_CONFIG_ITEM = "train_config"
+PROGRESS_ITEM = "progress"  # {"tokens", "flops"} trained on by the step (JSON: exact beyond float32 / int32)
 WORKDIR_CHECKPOINTS = "checkpoints"
 COMPUTE_COPY = "compute_params"  # the train state's cast weights: not saved, cast again on restore
 
@@ -160,7 +161,7 @@ def _item_handlers() -> dict:
 
     return {PARAMS_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
             TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: GrainHandler(),
-            TRAIN_CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+            TRAIN_CONFIG_ITEM: ocp.JsonCheckpointHandler(), PROGRESS_ITEM: ocp.JsonCheckpointHandler()}
 
 
 def _manager(directory: Path, create: bool = False):
@@ -368,7 +369,7 @@ class TrainCheckpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: dict, data_state: bytes, model_cfg: ModelConfig, train_config: dict, *,
-             wait: bool = False) -> None:
+             progress: dict | None = None, wait: bool = False) -> None:
         import orbax.checkpoint as ocp
         from grain.checkpoint import CheckpointSave
 
@@ -381,6 +382,7 @@ class TrainCheckpointer:
             TRAIN_STATE_ITEM: ocp.args.StandardSave(rest),
             DATA_ITEM: CheckpointSave(_DataState(data_state)),
             TRAIN_CONFIG_ITEM: ocp.args.JsonSave(train_config),
+            **({PROGRESS_ITEM: ocp.args.JsonSave(progress)} if progress is not None else {}),
         }))
         if wait:
             self._mngr.wait_until_finished()
@@ -445,6 +447,14 @@ class TrainCheckpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def read_progress(step_dir: str | os.PathLike) -> dict | None:
+    """The {"tokens", "flops"} a training checkpoint step was saved with (None for a step without them)."""
+    step_dir = Path(step_dir)
+    if not (step_dir / PROGRESS_ITEM).is_dir():
+        return None
+    return _read_json_item(Source("checkpoint", step_dir.parent, int(step_dir.name)), PROGRESS_ITEM)
 
 
 def config_changes(step_dir: str | os.PathLike, train_config: dict | None) -> list[str]:

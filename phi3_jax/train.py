@@ -293,19 +293,20 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     losses: dict[int, float] = {}
     window = {"loss": 0.0, "n": 0, "gn": 0.0, "t0": None, "tokens": 0, **{k: 0.0 for k in DPO_STEP_METRICS}}
     tokens_per_step = t.batch_size * t.seq_len
-
-    def seen(step: int) -> dict[str, int | float]:
-        """The tokens (row positions, padding included) and model FLOPs the run has trained on by `step`: the
-        x axes of loss-against-data and loss-against-compute plots."""
-        return {"tokens": step * tokens_per_step, "flops": float(step * tokens_per_step * flops_tok)}
+    # The tokens (row positions, padding included) and model FLOPs trained on so far, the x axes of
+    # loss-against-data and -compute plots: counted on the host and kept with each checkpoint, so they stay
+    # right when a resumed run changes train.batch_size or seq_len.
+    saved_progress = (ckpt.directory / str(start) if resuming else branch.step_dir if branch else None)
+    trained = (ckpt_lib.read_progress(saved_progress) if saved_progress else None) or {
+        "tokens": start * tokens_per_step, "flops": float(start * tokens_per_step * flops_tok)}  # older checkpoints
     status, last_saved, evaluated = "done", start, {}
     data_state = feed.get_state()
     if t.eval_on_start and evals and not resuming and start < t.steps:
         evaluated = evaluate()  # the starting weights' held-out figures: the baseline of a fine-tuning run
-        writer.write(start, {**evaluated, **seen(start)})
+        writer.write(start, {**evaluated, **trained})
         writer.message(f"step {start}: " + _metrics_text(evaluated))
 
-    def handle(step: int, m: dict, force_log: bool = False) -> None:
+    def handle(step: int, m: dict, progress: dict, force_log: bool = False) -> None:
         m = jax.device_get(m)
         loss, finite = float(m["loss"]), bool(m["finite"])
         losses[step] = loss
@@ -331,7 +332,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                    "lr": float(lr_at(np.int32(max(applied - 1, 0)))),
                    "grad_norm": window["gn"] / window["n"] if window["n"] else float(m["grad_norm"]),
                    "tokens_per_sec": tps, "mfu": mfu(tps, flops_tok, jax.device_count(), peak) if tps else None,
-                   "skipped": int(m["skipped"]), **seen(step)}
+                   "skipped": int(m["skipped"]), **progress}
             for k in DPO_STEP_METRICS:  # DPO, before each update: pairs ranked right, the mean implicit rewards
                 if k in m:
                     row[k] = window[k] / window["n"] if window["n"] else float(m[k])
@@ -365,7 +366,9 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                                    f"{profiler.directory / 'plugins' / 'profile'}")
                 if pending is not None:
                     handle(*pending)
-                pending = (step + 1, metrics)
+                trained = {"tokens": trained["tokens"] + tokens_per_step,
+                           "flops": trained["flops"] + tokens_per_step * flops_tok}
+                pending = (step + 1, metrics, trained)
                 s = step + 1
                 if evals and s % t.eval_every == 0 and s != t.steps:
                     handle(*pending)
@@ -374,11 +377,11 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     evaluated = evaluate()
                     if window["t0"] is not None:  # tokens/s counts training time only
                         window["t0"] += time.perf_counter() - t_eval
-                    writer.write(s, {**evaluated, **seen(s)})
+                    writer.write(s, {**evaluated, **trained})
                     writer.message(f"step {s}: " + _metrics_text(evaluated))
                 stop = sig.stop_requested()
                 if stop or (t.checkpoint_every and s % t.checkpoint_every == 0):
-                    ckpt.save(s, state, data_state, model_cfg, r.raw)
+                    ckpt.save(s, state, data_state, model_cfg, r.raw, progress=trained)
                     last_saved = s
                 if stop:
                     if pending is not None:
@@ -395,14 +398,14 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
             final_step = int(jax.device_get(state["step"]))
             if status == "done":  # still under the handlers: a signal now waits for this save
                 if final_step != last_saved:
-                    ckpt.save(final_step, state, data_state, model_cfg, r.raw)
+                    ckpt.save(final_step, state, data_state, model_cfg, r.raw, progress=trained)
                 ckpt.wait()
                 if sig.received:  # the run is complete and saved; skip the final eval and sample
                     writer.message(f"received {sig.received} after the last step: checkpoint saved to "
                                    f"{ckpt.directory / str(final_step)}")
                 elif evals and start < t.steps:  # a finished run restarted has its final eval already
                     evaluated = evaluate()
-                    writer.write(final_step, {**evaluated, **seen(final_step)})
+                    writer.write(final_step, {**evaluated, **trained})
     except BaseException:
         writer.close()
         ckpt.close()

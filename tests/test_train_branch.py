@@ -30,6 +30,7 @@ def test_a_decay_branched_from_the_stable_phase_matches_a_run_of_that_length(tmp
     assert [l_branch[s] for s in (5, 6)] == [l_short[s] for s in (5, 6)]
     lr_long, lr_branch = losses(long, "lr"), losses(branch, "lr")
     assert lr_branch[6] < lr_long[6] == lr_long[4]  # the long run was still at the full rate there
+    assert losses(branch, "tokens") == {5: 5 * 512, 6: 6 * 512}  # counted on from the source's checkpoint
     # The source is only read: its checkpoints are as they were.
     assert sorted(p.name for p in (long / "checkpoints").iterdir()) == ["4", "8"]
 

@@ -88,3 +88,18 @@ def test_eval_on_start_scores_the_weights_a_fine_tuning_run_starts_from(tmp_path
     run(c, str(wd))
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 1, 2]
+
+
+def test_tokens_and_flops_count_on_across_a_resume_with_a_larger_batch(tmp_path):
+    wd = tmp_path / "wd"
+    c = load_config("tiny", "test")  # batch 8 x 64 tokens
+    c.train.steps = 2
+    run(c, str(wd))
+    c.train.steps, c.train.batch_size = 4, 16
+    run(c, str(wd))
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: r["tokens"] for r in rows if "loss" in r}
+    assert tokens == {1: 512, 2: 1024, 3: 2048, 4: 3072}
+    fpt = phi3_jax.checkpoint.read_config(str(wd)).flops_per_token(64)
+    assert rows[-1]["flops"] == pytest.approx(3072 * fpt, rel=1e-9)
+    assert phi3_jax.checkpoint.read_progress(wd / "checkpoints" / "4") == {"tokens": 3072, "flops": rows[-1]["flops"]}
