@@ -306,7 +306,11 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
         writer.write(start, {**evaluated, **trained})
         writer.message(f"step {start}: " + _metrics_text(evaluated))
 
-    def handle(step: int, m: dict, progress: dict, force_log: bool = False) -> None:
+    def handle(step: int, m: dict, progress: dict, phase_start: tuple[int, str] | None,
+               force_log: bool = False) -> None:
+        if phase_start is not None:  # the first step of a data phase (configs with several)
+            writer.write(step, {"phase_index": phase_start[0], "phase": phase_start[1]})
+            writer.message(f"step {step}: data phase {phase_start[1]!r} begins")
         m = jax.device_get(m)
         loss, finite = float(m["loss"]), bool(m["finite"])
         losses[step] = loss
@@ -348,6 +352,8 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     logged: dict[str, float] = {}
     pending = None
     profiler = StepProfiler(workdir_p / "tensorboard", *t.profile_steps) if t.profile_steps else None
+    # The phase of the batch last read: a fresh run announces its first phase too, a resumed one a change.
+    phase = None if start == 0 else (feed.phase_index, feed.phase_name)
     try:
         with _Signals() as sig:
             for step in range(start, t.steps):
@@ -357,6 +363,9 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     writer.message(f"the data ran out after step {step} (the last phase has a token budget)")
                     break
                 data_state = feed.get_state()
+                phase_start = None
+                if len(r.data.phases) > 1 and (feed.phase_index, feed.phase_name) != phase:
+                    phase = phase_start = (feed.phase_index, feed.phase_name)
                 batch = shd.make_global_batch(mesh, batch_np, t.batch_size)
                 if profiler:
                     profiler.before(step + 1)
@@ -368,7 +377,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     handle(*pending)
                 trained = {"tokens": trained["tokens"] + tokens_per_step,
                            "flops": trained["flops"] + tokens_per_step * flops_tok}
-                pending = (step + 1, metrics, trained)
+                pending = (step + 1, metrics, trained, phase_start)
                 s = step + 1
                 if evals and s % t.eval_every == 0 and s != t.steps:
                     handle(*pending)

@@ -110,6 +110,11 @@ class DataFeed:
         pass
 
     @property
+    def phase_index(self) -> int | None:
+        """The data phase of the last batch read (0 before the first)."""
+        return getattr(self._iters[0], "phase_index", None)
+
+    @property
     def phase_name(self) -> str | None:
         return getattr(self._iters[0], "phase_name", None)
 

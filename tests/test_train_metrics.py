@@ -1,4 +1,5 @@
-"""Held-out evaluation of a mixture: every source is evaluated, each on its own rows, and pooled."""
+"""What a run logs: held-out evaluation of a mixture (every source, each on its own rows, and pooled), the
+tokens and FLOPs trained on, and where each data phase begins."""
 import json
 
 import jax
@@ -103,3 +104,18 @@ def test_tokens_and_flops_count_on_across_a_resume_with_a_larger_batch(tmp_path)
     fpt = phi3_jax.checkpoint.read_config(str(wd)).flops_per_token(64)
     assert rows[-1]["flops"] == pytest.approx(3072 * fpt, rel=1e-9)
     assert phi3_jax.checkpoint.read_progress(wd / "checkpoints" / "4") == {"tokens": 3072, "flops": rows[-1]["flops"]}
+
+
+def test_each_data_phase_start_is_logged_once(tmp_path):
+    c = _mixture()
+    c.data.phases = [dict(name="pretrain", tokens=3 * 8 * 64, weights={"textbook": 1.0}),  # 3 steps
+                     dict(name="anneal", tokens=0, weights={"stdlib": 1.0})]
+    wd = tmp_path / "wd"
+    c.train.steps = 2
+    res = run(c, str(wd))
+    c.train.steps = 5
+    res = run(c, str(wd))  # resumed at step 2, inside the first phase
+    assert res.status == "done"
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase_index"], r["phase"]) for r in rows if "phase" in r] == [(1, 0, "pretrain"),
+                                                                                           (4, 1, "anneal")]
