@@ -3,9 +3,9 @@
 `WORKDIR/metrics.jsonl` gets one JSON object per logged step ({"step", "loss", "lr", "grad_norm",
 "tokens_per_sec", "mfu" (only where the chip's peak is known), ...}), one per evaluation
 ({"step", "eval_loss", ...}) and one where each data phase begins ({"step", "phase", "phase_index"}, with
-several phases); step and eval rows carry "tokens" and "flops", what the run has trained on by that step. Only process 0 writes. A resumed run appends; entries for steps past the
-restored step (written after the last checkpoint by a run that was then killed) are dropped on resume so
-the file reads as one run.
+several phases); step and eval rows carry "tokens" and "flops", what the run has trained on by that step.
+Only process 0 writes. A resumed run appends; entries for steps past the restored step (written after the
+last checkpoint by a run that was then killed) are dropped on resume so the file reads as one run.
 
 MFU = achieved model FLOP/s / (peak bf16 FLOP/s per chip x chips), with the model FLOPs from
 `ModelConfig.flops_per_token(seq_len)` (6 N per token plus attention, forward + backward).
