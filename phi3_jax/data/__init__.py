@@ -19,8 +19,8 @@ __all__ = [
     "CHAT_TEMPLATES", "render_chat", "DataSpec", "default_data_config", "validate_data_config", "DataError",
     "PhasedIterDataset", "mix_rows", "ROW_KEYS", "Alignment", "attention_mask", "pack", "eval_source_names",
     "make_pipeline", "make_pipeline_dataset", "make_tokenizer_from_config", "phase_schedule", "source_documents",
-    "HeuristicScorer", "LogisticScorer", "QualityScorer", "make_scorer", "register_scorer", "SOURCE_KINDS", "ArrayRecordSource",
-    "JsonlSource", "StdlibSource", "TextFilesSource", "TfdsSource", "make_source", "unigram_entropy",
-    "TextbookSource", "TextbookChatSource", "PHI3_SMALL_DUMMY_IDS", "PHI3_SMALL_SPECIAL_TOKENS", "PHI3_SMALL_STOP_IDS",
-    "TOKENIZER_KINDS", "Tokenizer", "make_tokenizer", "phi3_small_dummy_ids",
+    "HeuristicScorer", "LogisticScorer", "QualityScorer", "make_scorer", "register_scorer", "SOURCE_KINDS",
+    "ArrayRecordSource", "JsonlSource", "StdlibSource", "TextFilesSource", "TfdsSource", "make_source",
+    "unigram_entropy", "TextbookSource", "TextbookChatSource", "PHI3_SMALL_DUMMY_IDS", "PHI3_SMALL_SPECIAL_TOKENS",
+    "PHI3_SMALL_STOP_IDS", "TOKENIZER_KINDS", "Tokenizer", "make_tokenizer", "phi3_small_dummy_ids",
 ]
