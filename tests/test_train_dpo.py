@@ -29,11 +29,12 @@ def test_dpo_from_sft_weights_logs_accuracy_and_resumes_exactly(tmp_path):
     np.testing.assert_allclose(loss[1], np.log(2.0), rtol=1e-5)
     assert set(losses(tmp_path / "full", "accuracy")) == {1, 2, 3, 4}
     assert full.eval_accuracy is not None and 0.0 <= full.eval_accuracy <= 1.0
-    assert set(losses(tmp_path / "full", "eval_accuracy")) == {2, 4}
+    assert set(losses(tmp_path / "full", "eval_accuracy")) == {0, 2, 4}  # 0: tiny:dpo sets train.eval_on_start
+    np.testing.assert_allclose(losses(tmp_path / "full", "eval_loss")[0], np.log(2.0), rtol=1e-5)
     # The implicit rewards start at 0 (policy = reference) and move apart as it learns the preference.
     chosen, rejected = losses(tmp_path / "full", "reward_chosen"), losses(tmp_path / "full", "reward_rejected")
     assert set(chosen) == set(rejected) == {1, 2, 3, 4} and abs(chosen[1]) < 1e-3 and abs(rejected[1]) < 1e-3
-    assert chosen[4] - rejected[4] > 0 and set(losses(tmp_path / "full", "eval_reward_chosen")) == {2, 4}
+    assert chosen[4] - rejected[4] > 0 and set(losses(tmp_path / "full", "eval_reward_chosen")) == {0, 2, 4}
 
     run(_dpo(2), str(tmp_path / "part"), init_from=str(tmp_path / "sft"))
     resumed = run(_dpo(4), str(tmp_path / "part"), init_from=str(tmp_path / "sft"))
