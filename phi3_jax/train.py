@@ -353,7 +353,7 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
     pending = None
     profiler = StepProfiler(workdir_p / "tensorboard", *t.profile_steps) if t.profile_steps else None
     # The phase of the batch last read: a fresh run announces its first phase too, a resumed one a change.
-    phase = None if start == 0 else (feed.phase_index, feed.phase_name)
+    phase = None if start == 0 else feed.phase_index
     try:
         with _Signals() as sig:
             for step in range(start, t.steps):
@@ -364,8 +364,9 @@ def run(config, workdir: str, init_from: str | None = None, *, branch_from: str 
                     break
                 data_state = feed.get_state()
                 phase_start = None
-                if len(r.data.phases) > 1 and (feed.phase_index, feed.phase_name) != phase:
-                    phase = phase_start = (feed.phase_index, feed.phase_name)
+                if len(r.data.phases) > 1 and feed.phase_index != phase:
+                    phase = feed.phase_index
+                    phase_start = (phase, feed.phase_name)
                 batch = shd.make_global_batch(mesh, batch_np, t.batch_size)
                 if profiler:
                     profiler.before(step + 1)
